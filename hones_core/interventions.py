@@ -1,0 +1,239 @@
+"""Interventions on a VLM's text decoder: head mean-replacement and FFN neuron scaling.
+
+An intervention is data: a frozen `Plan` says which (layer, head) pairs to mean-replace and
+which neurons to scale by which factor (0 masks). `intervene(arch, plans)` applies one plan
+to the whole batch or one plan per batch row, for everything run inside the `with` block.
+
+How it stays correct under concurrency: the forward pre-hooks on `o_proj` and `down_proj`
+are installed once per model while at least one `intervene` block is open (reference
+counted, removed when the last one exits), and each hook reads the plan of *its own*
+thread/task from a `contextvars.ContextVar`. A hook finding no plan does nothing, so plain
+runs and other threads' runs are untouched and no lock is held during forward passes.
+
+Semantics (DESIGN.md section 3):
+- head h of layer l, mean replacement: at every position, head h's slice of the
+  concatenated head outputs (the input of `o_proj`) is replaced by the mean of the other
+  heads' slices at that position (computed from the unmodified slices);
+- neuron i of layer l, scaling: z_i <- z_i * factor at every position, where z is the
+  input of `down_proj`; factor 0 masks the neuron. `LearnedScale` gives z_i * (1 + s_i)
+  with a trainable tensor s.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import Architecture
+
+
+@dataclass(frozen=True)
+class NeuronScale:
+    """Multiply neurons `neurons` of `layer` by `factor` (one value, or one per neuron)."""
+    layer: int
+    neurons: tuple[int, ...]
+    factor: float | tuple[float, ...] = 0.0
+
+    def multipliers(self) -> torch.Tensor:
+        if isinstance(self.factor, tuple):
+            if len(self.factor) != len(self.neurons):
+                raise ValueError(f"layer {self.layer}: {len(self.factor)} factors for {len(self.neurons)} neurons")
+            return torch.tensor(self.factor, dtype=torch.float32)
+        return torch.full((len(self.neurons),), float(self.factor))
+
+
+@dataclass(frozen=True, eq=False)
+class LearnedScale:
+    """z_i <- z_i * (1 + scale_i) for `neurons` of `layer`; `scale` may require grad."""
+    layer: int
+    neurons: tuple[int, ...]
+    scale: torch.Tensor
+
+    def multipliers(self) -> torch.Tensor:
+        if self.scale.shape != (len(self.neurons),):
+            raise ValueError(f"layer {self.layer}: scale shape {tuple(self.scale.shape)} for {len(self.neurons)} neurons")
+        return 1.0 + self.scale
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to change in one forward pass (for one batch row, or for all rows).
+
+    Attributes:
+        heads: (layer, head) pairs to mean-replace.
+        neurons: neuron edits; several edits of one neuron multiply.
+    """
+    heads: tuple[tuple[int, int], ...] = ()
+    neurons: tuple[NeuronScale | LearnedScale, ...] = ()
+
+    @classmethod
+    def ablate_heads(cls, heads: Sequence[tuple[int, int]]) -> Plan:
+        return cls(heads=tuple((int(l), int(h)) for l, h in heads))
+
+    @classmethod
+    def scale_neurons(cls, selection: dict[int, Sequence[int]], factor: float) -> Plan:
+        """Scale `{layer: [neuron, ...]}` by one factor (0 masks)."""
+        return cls(neurons=tuple(NeuronScale(int(l), tuple(int(i) for i in ids), float(factor))
+                                 for l, ids in sorted(selection.items()) if len(ids)))
+
+    @property
+    def empty(self) -> bool:
+        return not self.heads and not self.neurons
+
+
+@dataclass
+class Capture:
+    """What an `intervene` block recorded: FFN activations z of the first forward pass.
+
+    `neurons[layer]` is `[batch, intermediate]` at the last position when capturing "last",
+    `[batch, seq, intermediate]` when capturing "all"; values are after the plan's scaling.
+    """
+    positions: str
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Compiled:
+    rows: int                                    # 1 = broadcast over the batch
+    heads: dict[int, torch.Tensor]               # layer -> bool [rows, num_heads]
+    neurons: dict[int, torch.Tensor]             # layer -> float [rows, intermediate]
+    capture: Capture | None
+    captured_layers: set[int] = field(default_factory=set)
+
+
+_ACTIVE: contextvars.ContextVar[dict[int, _Compiled]] = contextvars.ContextVar("hones_active_plans", default={})
+
+
+class _Hooks:
+    """The hooks of one model, installed while at least one `intervene` block is open."""
+
+    def __init__(self, arch: Architecture):
+        self.arch = arch
+        self.key = id(arch.layers[0].o_proj)
+        self.users = 0
+        self.handles: list = []
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            for layer in self.arch.layers:
+                self.handles.append(layer.o_proj.register_forward_pre_hook(self._head_hook(layer.index)))
+                self.handles.append(layer.down_proj.register_forward_pre_hook(self._neuron_hook(layer.index)))
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for handle in self.handles:
+                handle.remove()
+            self.handles.clear()
+
+    def _head_hook(self, layer: int):
+        num_heads, head_dim = self.arch.num_heads, self.arch.head_dim
+
+        def hook(module, args):
+            compiled = _ACTIVE.get().get(self.key)
+            if compiled is None or layer not in compiled.heads:
+                return None
+            x = args[0]
+            _check_rows(compiled, x, layer)
+            b, s, _ = x.shape
+            per_head = x.view(b, s, num_heads, head_dim)
+            others_mean = (per_head.sum(dim=2, keepdim=True) - per_head) / (num_heads - 1)
+            mask = compiled.heads[layer].to(x.device)[:, None, :, None]
+            return (torch.where(mask, others_mean, per_head).reshape(b, s, num_heads * head_dim), *args[1:])
+        return hook
+
+    def _neuron_hook(self, layer: int):
+        def hook(module, args):
+            compiled = _ACTIVE.get().get(self.key)
+            if compiled is None:
+                return None
+            x = args[0]
+            result = None
+            if layer in compiled.neurons:
+                _check_rows(compiled, x, layer)
+                x = x * compiled.neurons[layer].to(device=x.device, dtype=x.dtype)[:, None, :]
+                result = (x, *args[1:])
+            capture = compiled.capture
+            if capture is not None and layer not in compiled.captured_layers:
+                compiled.captured_layers.add(layer)
+                capture.neurons[layer] = (x[:, -1, :] if capture.positions == "last" else x).detach()
+            return result
+        return hook
+
+
+def _check_rows(compiled: _Compiled, x: torch.Tensor, layer: int) -> None:
+    if compiled.rows != 1 and x.shape[0] != compiled.rows:
+        raise ValueError(f"layer {layer}: the batch has {x.shape[0]} rows but {compiled.rows} per-row plans were given")
+
+
+_REGISTRY: "weakref.WeakKeyDictionary[torch.nn.Module, _Hooks]" = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _compile(arch: Architecture, plans: Plan | Sequence[Plan | None], capture: Capture | None) -> _Compiled:
+    rows = [plans] if isinstance(plans, Plan) else [p if p is not None else Plan() for p in plans]
+    if not rows:
+        raise ValueError("no plans given: pass one Plan, or one Plan (or None) per batch row")
+    heads: dict[int, torch.Tensor] = {}
+    neuron_rows: dict[int, list[torch.Tensor]] = {}
+    for r, plan in enumerate(rows):
+        for layer, head in plan.heads:
+            _check_index("layer", layer, arch.num_layers)
+            _check_index(f"layer {layer} head", head, arch.num_heads)
+            heads.setdefault(layer, torch.zeros(len(rows), arch.num_heads, dtype=torch.bool))[r, head] = True
+        for edit in plan.neurons:
+            _check_index("layer", edit.layer, arch.num_layers)
+            index = torch.as_tensor(edit.neurons, dtype=torch.long)
+            if index.numel() and (index.min() < 0 or index.max() >= arch.intermediate_size):
+                raise ValueError(f"layer {edit.layer}: neuron indices must lie in [0, {arch.intermediate_size}); "
+                                 f"got {index.min().item()}..{index.max().item()}")
+            table = neuron_rows.setdefault(edit.layer, [torch.ones(arch.intermediate_size) for _ in rows])
+            # out of place, so the gradient of a learned scale flows through
+            table[r] = table[r].index_put((index,), table[r][index] * edit.multipliers().to(torch.float32))
+    neurons = {layer: torch.stack(table) for layer, table in neuron_rows.items()}
+    return _Compiled(rows=len(rows), heads=heads, neurons=neurons, capture=capture)
+
+
+def _check_index(what: str, value: int, size: int) -> None:
+    if not 0 <= value < size:
+        raise ValueError(f"{what} {value} is out of range: this model has {size} (valid 0..{size - 1})")
+
+
+@contextmanager
+def intervene(arch: Architecture, plans: Plan | Sequence[Plan | None] = Plan(), *,
+              capture: str | None = None) -> Iterator[Capture | None]:
+    """Apply `plans` to every forward pass of `arch`'s model inside the block.
+
+    Args:
+        arch: the model's `Architecture`.
+        plans: one `Plan` for every batch row, or a sequence with one `Plan` (or None) per row.
+        capture: None, "last" or "all": record the FFN activations z (after scaling) of the
+            first forward pass in the block (when generating: the prompt pass).
+
+    Yields:
+        The `Capture` when `capture` is set, else None.
+    """
+    if capture not in (None, "last", "all"):
+        raise ValueError(f"capture must be None, 'last' or 'all', not {capture!r}")
+    record = Capture(capture) if capture else None
+    compiled = _compile(arch, plans, record)
+    root = arch.layers[0].o_proj
+    with _REGISTRY_LOCK:
+        hooks = _REGISTRY.get(root)
+        if hooks is None:
+            hooks = _REGISTRY[root] = _Hooks(arch)
+        hooks.acquire()
+    token = _ACTIVE.set({**_ACTIVE.get(), hooks.key: compiled})
+    try:
+        yield record
+    finally:
+        _ACTIVE.reset(token)
+        with _REGISTRY_LOCK:
+            hooks.release()

@@ -1,0 +1,292 @@
+"""Loading a vision-language model and running it the way HONES needs.
+
+`load_vlm(name_or_path)` loads any supported family (see `arch.FAMILIES`) with
+`AutoModelForImageTextToText` and `AutoProcessor`, from a Hub id or a local directory, and
+returns a `VLM`: batched, left-padded inputs in the model's own chat template, greedy
+generation, teacher-forced answer log-probabilities and next-token logits, each optionally
+under an intervention plan (one per batch row).
+
+How an answer follows a prompt is read off the chat template itself: the template is
+rendered once with a placeholder assistant answer, which gives the separator between the
+generation prompt and the answer (" " for LLaVA-1.5, "" for Qwen) and the end-of-turn
+token. Teacher forcing therefore scores exactly the tokens generation would produce.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .arch import Architecture
+from .interventions import Plan, intervene
+
+ImageLike = Image.Image | str | Path
+Plans = Plan | Sequence[Plan | None] | None
+
+_PLACEHOLDER_PROMPT = "HONESPROMPT"
+_PLACEHOLDER_ANSWER = "HONESANSWER"
+
+
+class ModelLoadError(OSError):
+    """The model or its processor could not be loaded."""
+
+
+class TemplateError(ValueError):
+    """The chat template or tokenizer does not let us place an answer after a prompt."""
+
+
+@dataclass
+class Encoded:
+    """A batch ready for the model.
+
+    Attributes:
+        inputs: processor outputs on the model's device (`input_ids` `[batch, seq]`, pixels, ...).
+        labels: `[batch, seq]` token ids at answer positions, -100 elsewhere (None without answers).
+    """
+    inputs: dict
+    labels: torch.Tensor | None
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return names[dtype]
+
+
+def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str | None = None,
+             dtype: str | torch.dtype = "auto", *, trust_remote_code: bool = False) -> VLM:
+    """Load a supported VLM and its processor.
+
+    Args:
+        name_or_path: a Hub model id ("llava-hf/llava-1.5-7b-hf") or a local directory.
+        revision: a branch, tag or commit of the Hub repo (ignored for local directories).
+        device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available.
+        dtype: "auto" (bfloat16 on GPU, float32 on CPU) or an explicit dtype.
+        trust_remote_code: run code from the model repo; off unless you ask for it.
+
+    Raises:
+        ModelLoadError: the id/directory does not exist, is unreachable, or is not an image-text model.
+        UnsupportedModelError: the model loaded but its family is not supported.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    source = str(name_or_path)
+    local = Path(source).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{source} is a file; pass the directory that holds config.json")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load model {source!r}{f' at revision {revision}' if revision else ''}: {err}\n"
+            "Check the Hub id or the local directory (it needs config.json, weights and the processor files); "
+            "without network, set HF_HUB_OFFLINE=1 and use a model already in the cache."
+        ) from err
+    model.to(device).eval()
+    return VLM(model, processor, name=source, revision=revision)
+
+
+class VLM:
+    """A loaded model + processor with the operations HONES needs.
+
+    Attributes:
+        model: the transformers model (eval mode).
+        processor: its processor (tokenizer padding on the left).
+        arch: where layers, heads and neurons are (`arch.Architecture`).
+        name, revision: where it came from.
+    """
+
+    def __init__(self, model, processor, *, name: str = "", revision: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.arch = Architecture(model)
+        self.name, self.revision = name, revision
+        if getattr(processor, "chat_template", None) is None:
+            raise TemplateError(f"{name}: the processor has no chat template; HONES prompts need one")
+        self.answer_separator, self.stop_token_id = self._read_template()
+
+    # ----- prompts and batches --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def chat_prompt(self, prompt: str) -> str:
+        """The user turn (one image + `prompt`) in the model's chat template, ready for the answer."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _read_template(self) -> tuple[str, int]:
+        prompt = self.chat_prompt(_PLACEHOLDER_PROMPT)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PLACEHOLDER_PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": _PLACEHOLDER_ANSWER}]},
+        ]
+        full = self.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        eos = self.tokenizer.eos_token_id
+        if not full.startswith(prompt) or _PLACEHOLDER_ANSWER not in full:
+            warnings.warn(f"{self.name}: the chat template renders an assistant turn that does not extend the "
+                          "generation prompt; answers are appended directly and end with the EOS token")
+            return "", eos
+        separator, suffix = full[len(prompt):].split(_PLACEHOLDER_ANSWER, 1)
+        special = set(self.tokenizer.all_special_ids)
+        stop = [t for t in self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if t in special]
+        return separator, (stop[0] if stop else eos)
+
+    def _images(self, images: Sequence[ImageLike]) -> list:
+        loaded = [load_image(img) for img in images]
+        return [[img] for img in loaded] if self.arch.family.nested_images else loaded
+
+    def _process(self, texts: list[str], images: Sequence[ImageLike]) -> dict:
+        if len(texts) != len(images):
+            raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
+        if not texts:
+            raise ValueError("empty batch: give at least one (image, prompt) pair")
+        batch = self.processor(text=texts, images=self._images(images), padding=True, return_tensors="pt")
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def answer_token_ids(self, prompt: str, answer: str, *, with_stop: bool = False) -> list[int]:
+        """The token ids the model emits for `answer` after the chat prompt of `prompt`."""
+        chat = self.chat_prompt(prompt)
+        head = self.tokenizer(chat)["input_ids"]
+        full = self.tokenizer(chat + self.answer_separator + answer)["input_ids"]
+        if full[:len(head)] != head:
+            raise TemplateError(
+                f"{self.name}: tokenising prompt+answer changes the prompt's last tokens (answer {answer!r}); "
+                "the answer cannot be scored exactly as generation would produce it")
+        ids = full[len(head):]
+        return ids + [self.stop_token_id] if with_stop else ids
+
+    def encode(self, images: Sequence[ImageLike], prompts: Sequence[str],
+               answers: Sequence[str] | None = None, *, with_stop: bool = False) -> Encoded:
+        """Batch (image, prompt[, answer]) triples, left-padded; labels mark exactly the answer tokens."""
+        chats = [self.chat_prompt(p) for p in prompts]
+        if answers is None:
+            return Encoded(self._process(chats, images), None)
+        if len(answers) != len(prompts):
+            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+        answer_ids = [self.answer_token_ids(p, a, with_stop=with_stop) for p, a in zip(prompts, answers)]
+        stop = self.tokenizer.decode([self.stop_token_id]) if with_stop else ""
+        texts = [c + self.answer_separator + a + stop for c, a in zip(chats, answers)]
+        inputs = self._process(texts, images)
+        ids = inputs["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for row, target in enumerate(answer_ids):
+            n = len(target)
+            if n == 0:
+                raise ValueError(f"answer {answers[row]!r} has no tokens")
+            if ids[row, -n:].tolist() != target:
+                raise TemplateError(f"{self.name}: the processed batch does not end with the answer tokens of row "
+                                    f"{row}; the processor changed the text around the answer")
+            labels[row, -n:] = ids[row, -n:]
+        return Encoded(inputs, labels)
+
+    # ----- running -----------------------------------------------------------------------------
+    @staticmethod
+    def _context(arch: Architecture, plans: Plans):
+        return nullcontext() if plans is None else intervene(arch, plans)
+
+    @torch.inference_mode()
+    def generate(self, images: Sequence[ImageLike], prompts: Sequence[str], *, max_new_tokens: int = 24,
+                 plans: Plans = None) -> list[str]:
+        """Greedy answers, one per (image, prompt), special tokens removed and stripped."""
+        inputs = self.encode(images, prompts).inputs
+        with self._context(self.arch, plans):
+            out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def generation_kwargs(self, max_new_tokens: int) -> dict:
+        stops = sorted({self.stop_token_id, self.tokenizer.eos_token_id} - {None})
+        return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                    top_k=None, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id)
+
+    @torch.inference_mode()
+    def next_token_logits(self, images: Sequence[ImageLike], prompts: Sequence[str], *,
+                          plans: Plans = None) -> torch.Tensor:
+        """Logits of the first answer token, `[batch, vocab]` float32."""
+        inputs = self.encode(images, prompts).inputs
+        with self._context(self.arch, plans):
+            hidden = self.last_hidden(inputs)
+        return self.unembed(hidden[:, -1:, :])[:, 0, :]
+
+    def last_hidden(self, inputs: dict) -> torch.Tensor:
+        """The text decoder's final hidden states, `[batch, seq, hidden]`."""
+        return self.arch.base_model(**inputs).last_hidden_state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[batch, n, vocab]` float32 from hidden states `[batch, n, hidden]`.
+
+        Computed one batch row at a time: BLAS picks other kernels for other row counts
+        (M=1 vs M=2 differ in the last bits), and this keeps every row's logits bit-identical
+        to running that row alone.
+        """
+        return torch.stack([self.arch.lm_head(row) for row in hidden]).float()
+
+    def answer_logprobs(self, images: Sequence[ImageLike], prompts: Sequence[str], answers: Sequence[str], *,
+                        plans: Plans = None, reduction: str = "sum") -> torch.Tensor:
+        """Teacher-forced log p(answer | image, prompt), `[batch]` ("sum" or "mean" over answer tokens)."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
+        encoded = self.encode(images, prompts, answers)
+        with torch.inference_mode(), self._context(self.arch, plans):
+            token_logp, mask = self.token_logprobs(encoded)
+        total = (token_logp * mask).sum(-1)
+        return total if reduction == "sum" else total / mask.sum(-1)
+
+    def token_logprobs(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the labelled tokens: (`[batch, n]` values, `[batch, n]` 0/1 mask).
+
+        Runs under the caller's grad mode and interventions, so training can backpropagate.
+        """
+        labels = encoded.labels
+        if labels is None:
+            raise ValueError("token_logprobs needs an Encoded batch built with answers")
+        n = int((labels != -100).sum(-1).max())
+        logits = self.unembed(self.last_hidden(encoded.inputs)[:, -(n + 1):-1])
+        targets = labels[:, -n:]
+        mask = (targets != -100).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return logp * mask, mask
+
+    def first_token_id(self, word: str) -> int:
+        """The first token the model would emit for `word` right after the assistant prefix."""
+        return self.answer_token_ids(_PLACEHOLDER_PROMPT, word)[0]
+
+    def yes_no_ids(self) -> tuple[int, int]:
+        """Token ids of "Yes" and "No" as first answer tokens; they must differ."""
+        yes, no = self.first_token_id("Yes"), self.first_token_id("No")
+        if yes == no:
+            raise TemplateError(f"{self.name}: 'Yes' and 'No' start with the same token ({yes}); retrieval "
+                                "scores logit(Yes) - logit(No) and cannot work with this tokenizer")
+        return yes, no
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as img:
+        return img.convert("RGB")

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models of every family, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+from PIL import Image
+
+from hones_core.testing import FAMILIES, build_tiny_vlm
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """`tiny_dir(family)` -> directory of a saved tiny model of that family (built once)."""
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_vlm(family, root / family)
+        return built[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_dir):
+    """`tiny_vlm(family)` -> a `VLM` loaded with `load_vlm` from the saved directory (cached)."""
+    from hones_core.models import load_vlm
+
+    loaded: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_vlm(tiny_dir(family), device="cpu")
+        return loaded[family]
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Two small images of different sizes and colours."""
+    return [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 50), (10, 200, 10))]
+
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return ["Describe the image in one sentence.",
+            "Question: What color is the circle?\nAnswer the question with a short phrase."]

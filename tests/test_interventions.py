@@ -1,0 +1,135 @@
+import threading
+
+import pytest
+import torch
+
+from hones_core.interventions import LearnedScale, NeuronScale, Plan, intervene
+
+HEADS = Plan.ablate_heads([(0, 1), (1, 3)])
+NEURONS = Plan.scale_neurons({0: [1, 2, 3], 1: [10, 50]}, 0.0)
+
+
+def test_head_replacement_and_neuron_scaling_change_the_logits(family, tiny_vlm, images, prompts):
+    vlm = tiny_vlm(family)
+    base = vlm.next_token_logits(images, prompts)
+    for plan in (HEADS, NEURONS, Plan.scale_neurons({1: list(range(20))}, 2.5)):
+        changed = vlm.next_token_logits(images, prompts, plans=plan)
+        assert not torch.equal(changed, base)
+        assert (changed - base).abs().max() > 1e-4
+
+
+def test_model_is_bit_identical_after_the_context(family, tiny_vlm, images, prompts):
+    vlm = tiny_vlm(family)
+    base = vlm.next_token_logits(images, prompts)
+    with intervene(vlm.arch, HEADS):
+        inside = vlm.next_token_logits(images, prompts)
+    with pytest.raises(RuntimeError, match="boom"), intervene(vlm.arch, NEURONS):
+        raise RuntimeError("boom")  # hooks come off on error too
+    assert not torch.equal(inside, base)
+    assert torch.equal(vlm.next_token_logits(images, prompts), base)
+    assert all(not l.o_proj._forward_pre_hooks and not l.down_proj._forward_pre_hooks for l in vlm.arch.layers)
+
+
+def test_rows_are_independent(family, tiny_vlm, images, prompts):
+    vlm = tiny_vlm(family)
+    image, prompt = [images[0]] * 2, [prompts[1]] * 2
+    alone = vlm.next_token_logits(image[:1], prompt[:1])
+    batch = vlm.next_token_logits(image, prompt, plans=[None, NEURONS])
+    assert torch.equal(batch[0], alone[0])          # the unsteered row is untouched, to the bit
+    assert not torch.equal(batch[1], alone[0])
+    # two rows with different plans equal their separate runs
+    both = vlm.next_token_logits(image, prompt, plans=[HEADS, NEURONS])
+    assert torch.equal(both[0], vlm.next_token_logits(image[:1], prompt[:1], plans=HEADS)[0])
+    assert torch.equal(both[1], vlm.next_token_logits(image[:1], prompt[:1], plans=NEURONS)[0])
+    # rows of different lengths (left padding) agree up to float rounding
+    mixed = vlm.next_token_logits(images, prompts, plans=[HEADS, None])
+    torch.testing.assert_close(mixed[0], vlm.next_token_logits(images[:1], prompts[:1], plans=HEADS)[0],
+                               rtol=0, atol=1e-5)
+
+
+def test_generate_rows_are_independent(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    steer = Plan.scale_neurons({0: list(range(48)), 1: list(range(48))}, 3.0)
+    both = vlm.generate([images[0]] * 2, [prompts[0]] * 2, plans=[None, steer], max_new_tokens=8)
+    assert both[0] == vlm.generate(images[:1], prompts[:1], max_new_tokens=8)[0]
+    assert both[1] == vlm.generate(images[:1], prompts[:1], plans=steer, max_new_tokens=8)[0]
+
+
+def test_threads_with_different_plans_match_sequential_runs(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("qwen2-vl")
+    plans = [None, HEADS, NEURONS, Plan.ablate_heads([(1, 0)]), Plan.scale_neurons({0: [5]}, 3.0),
+             Plan.scale_neurons({1: list(range(30))}, 0.5), Plan.ablate_heads([(0, 0), (0, 2)]), Plan()]
+    expected = [vlm.next_token_logits(images, prompts, plans=p) for p in plans]
+    results: dict[int, list] = {i: [] for i in range(len(plans))}
+    barrier = threading.Barrier(len(plans))
+
+    def work(i):
+        barrier.wait()
+        for _ in range(5):
+            results[i].append(vlm.next_token_logits(images, prompts, plans=plans[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({tuple(e.flatten()[:8].tolist()) for e in expected}) == len(plans) - 1  # None == Plan()
+    for i, outs in results.items():
+        assert len(outs) == 5 and all(torch.equal(o, expected[i]) for o in outs), f"thread {i} saw another plan"
+    assert all(not l.o_proj._forward_pre_hooks for l in vlm.arch.layers)
+
+
+def test_capture_records_scaled_activations_at_the_last_position(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    inputs = vlm.encode(images, prompts).inputs
+    with torch.inference_mode(), intervene(vlm.arch, Plan(), capture="last") as plain:
+        vlm.last_hidden(inputs)
+    with torch.inference_mode(), intervene(vlm.arch, Plan.scale_neurons({1: [3, 4]}, 2.0), capture="all") as steered:
+        vlm.last_hidden(inputs)
+    assert plain.neurons[0].shape == (2, 96) and steered.neurons[1].shape[:2] == inputs["input_ids"].shape
+    torch.testing.assert_close(steered.neurons[1][:, -1, 3:5], 2 * plain.neurons[1][:, 3:5])
+    torch.testing.assert_close(steered.neurons[0][:, -1], plain.neurons[0])   # layer 0 untouched
+
+
+def test_mean_replacement_is_exact(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    o_proj = vlm.arch.layers[1].o_proj
+    seen = []   # a forward hook sees the input o_proj really received, after our pre-hook
+    handle = o_proj.register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
+    try:
+        vlm.next_token_logits(images, prompts)
+        vlm.next_token_logits(images, prompts, plans=Plan.ablate_heads([(1, 2)]))
+    finally:
+        handle.remove()
+    plain, ablated = (x.view(*x.shape[:2], 4, 16) for x in seen)
+    expected = plain.clone()
+    expected[:, :, 2] = (plain[:, :, 0] + plain[:, :, 1] + plain[:, :, 3]) / 3
+    torch.testing.assert_close(ablated, expected)
+    assert torch.equal(ablated[:, :, [0, 1, 3]], plain[:, :, [0, 1, 3]])
+
+
+def test_learned_scales_carry_gradients_and_factors_compose(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    scale = torch.zeros(3, requires_grad=True)
+    plan = Plan(neurons=(LearnedScale(1, (4, 5, 6), scale),))
+    encoded = vlm.encode(images, prompts, ["a red circle", "Yes"])
+    with intervene(vlm.arch, plan):
+        logp, mask = vlm.token_logprobs(encoded)
+    (-logp.sum()).backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+    # two edits on one neuron multiply: 2 x 1.5 == 3
+    twice = Plan(neurons=(NeuronScale(0, (7,), 2.0), NeuronScale(0, (7,), 1.5)))
+    torch.testing.assert_close(vlm.next_token_logits(images, prompts, plans=twice),
+                               vlm.next_token_logits(images, prompts, plans=Plan.scale_neurons({0: [7]}, 3.0)))
+
+
+def test_bad_plans_are_refused_with_the_valid_range(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    with pytest.raises(ValueError, match=r"layer 5 is out of range: this model has 2"):
+        vlm.next_token_logits(images, prompts, plans=Plan.ablate_heads([(5, 0)]))
+    with pytest.raises(ValueError, match=r"head 4 is out of range"):
+        vlm.next_token_logits(images, prompts, plans=Plan.ablate_heads([(0, 4)]))
+    with pytest.raises(ValueError, match=r"neuron indices must lie in \[0, 96\)"):
+        vlm.next_token_logits(images, prompts, plans=Plan.scale_neurons({0: [96]}, 2.0))
+    with pytest.raises(ValueError, match="the batch has 2 rows but 3 per-row plans"):
+        vlm.next_token_logits(images, prompts, plans=[None, HEADS, NEURONS])
