@@ -90,6 +90,8 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{source} is a file; pass the directory that holds config.json")
+    if not local.exists() and (local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+        raise ModelLoadError(f"no such model directory: {source} (and it is not a Hub id of the form org/name)")
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code)

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from hones_core.toy import world
+
+SIZE = world.DEFAULT_IMAGE_SIZE
 from hones_core.toy.world import (COLORS, HELDOUT_COMBOS, OCR_WORDS, POSITION_CELLS, POSITIONS,
                                   SHAPES, SHIFTS, SIZES, annotate, generate_scene, render,
                                   tokenize, vocabulary, write_world)
@@ -57,12 +59,12 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path, world_
 def test_records_follow_merged_coco_format(world_dir):
     for split, records in _records(world_dir).items():
         meta = json.loads((world_dir / f"{split}.json").read_text())["meta"]
-        assert meta == {"seed": 0, "split": split, "shift": "none", "image_size": 128,
+        assert meta == {"seed": 0, "split": split, "shift": "none", "image_size": SIZE,
                         "generator": "hones_core.toy.world/1"}
         for rec in records:
             info = rec["image_info"]
             image = Image.open(world_dir / "images" / info["file_name"])
-            assert image.size == (info["width"], info["height"]) == (128, 128)
+            assert image.size == (info["width"], info["height"]) == (SIZE, SIZE)
             assert image.mode == "RGB"
             assert len(rec["captions"]) == 5
             assert len({c["caption"] for c in rec["captions"]}) == 5
@@ -80,7 +82,7 @@ def test_ocr_box_is_inside_the_image_and_outlined_in_blue(world_dir):
     for rec in records:
         x, y, w, h = rec["ocr"]["bbox"]
         assert rec["ocr"]["text"] in OCR_WORDS
-        assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128
+        assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE
         pixels = Image.open(world_dir / "images" / rec["image_info"]["file_name"]).load()
         border = ([(x + i, y) for i in range(w)] + [(x + i, y + h - 1) for i in range(w)]
                   + [(x, y + j) for j in range(h)] + [(x + w - 1, y + j) for j in range(h)])
@@ -120,7 +122,7 @@ def test_scenes_are_well_formed():
             # Position rule: the whole box lies inside the named cell of the 3x3 grid.
             col, row = POSITION_CELLS[o.position]
             x, y, w, h = o.box
-            cell = 128 / 3
+            cell = SIZE / 3
             assert col * cell <= x and x + w <= (col + 1) * cell
             assert row * cell <= y and y + h <= (row + 1) * cell
 
@@ -181,12 +183,12 @@ def test_clutter_and_small_text_shifts():
         assert len(scene.objects) == 3 and len(scene.distractors) >= 1
     small = [s for s in _scenes(30, "small-text") if s.word is not None]
     normal = [s for s in _scenes(30) if s.word is not None]
-    assert small and {s.font_size for s in small} == {10}
-    assert normal and {s.font_size for s in normal} == {17}
+    assert small and {s.font_size for s in small} == {world.font_size_for(SIZE, "small-text")} == {8}
+    assert normal and {s.font_size for s in normal} == {world.font_size_for(SIZE)} == {13}
     assert max(s.word_box[3] for s in small) < min(s.word_box[3] for s in normal)
     # Rendering a cluttered scene puts grey marks on the canvas.
     image = render(_scenes(1, "clutter")[0])
-    colors = [rgb for _, rgb in image.getcolors(maxcolors=128 * 128)]
+    colors = [rgb for _, rgb in image.getcolors(maxcolors=SIZE * SIZE)]
     assert any(r == g == b and r not in (0, 64, 255) for r, g, b in colors)
 
 

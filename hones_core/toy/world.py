@@ -1,6 +1,6 @@
 """The synthetic world the toy VLM is trained and evaluated on.
 
-A scene is 1-3 flat shapes on a dark-grey 128x128 canvas, and on about half of the images a
+A scene is 1-3 flat shapes on a dark-grey square canvas (96x96 by default), and on about half of the images a
 word in black on a white rectangle with a blue (0, 0, 255) outline (the "blue box" the OCR
 prompt asks about). Every image comes with annotations in the official release's
 merged-COCO format: one VQA question with 10 annotator answers, 5 reference captions, and
@@ -73,6 +73,8 @@ SHIFTS: tuple[str, ...] = ("none", "combos", "small-text", "clutter")
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
+# The toy VLM sees 96x96 images: its 3x3 grid of 32-px image tokens lines up with the cells below.
+DEFAULT_IMAGE_SIZE = 96
 # Geometry as fractions of the image side (128 px -> small 20, large 35, font 17).
 _SIZE_FRACTION = {"small": 0.16, "large": 0.27}
 _FONT_FRACTION = 17 / 128
@@ -166,7 +168,7 @@ def _check_shift(shift: str) -> None:
 def _check_image_size(image_size: int) -> None:
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size} is too small for legible shapes and text; "
-                         f"use at least {_MIN_IMAGE_SIZE} (the toy VLM uses 128)")
+                         f"use at least {_MIN_IMAGE_SIZE} (the toy VLM uses {DEFAULT_IMAGE_SIZE})")
 
 
 def font_size_for(image_size: int, shift: str = "none") -> int:
@@ -264,7 +266,7 @@ def _sample_distractors(rng: random.Random, image_size: int,
     return tuple(marks)
 
 
-def generate_scene(rng: random.Random, *, image_size: int = 128, shift: str = "none") -> Scene:
+def generate_scene(rng: random.Random, *, image_size: int = DEFAULT_IMAGE_SIZE, shift: str = "none") -> Scene:
     """Sample one scene: objects in distinct cells with distinct (colour, shape) pairs, an
     optional word box clear of every object, and grey clutter for shift="clutter"."""
     _check_shift(shift)
@@ -465,7 +467,7 @@ def split_rng(seed: int, split: str, shift: str = "none") -> random.Random:
     return random.Random(f"{GENERATOR}:{seed}:{split}:{shift}")
 
 
-def iter_split(n: int, *, seed: int, split: str = "train", image_size: int = 128,
+def iter_split(n: int, *, seed: int, split: str = "train", image_size: int = DEFAULT_IMAGE_SIZE,
                shift: str = "none", start_id: int = 0
                ) -> Iterator[tuple[Image.Image, dict]]:
     """Yield `n` (image, record) pairs with image ids `start_id .. start_id + n - 1` and
@@ -481,7 +483,7 @@ def iter_split(n: int, *, seed: int, split: str = "train", image_size: int = 128
         yield render(scene), record
 
 
-def generate_split(n: int, *, seed: int, split: str = "train", image_size: int = 128,
+def generate_split(n: int, *, seed: int, split: str = "train", image_size: int = DEFAULT_IMAGE_SIZE,
                    shift: str = "none", start_id: int = 0) -> list[tuple[Image.Image, dict]]:
     """`n` (image, record) pairs in memory; see `iter_split`."""
     return list(iter_split(n, seed=seed, split=split, image_size=image_size, shift=shift,
@@ -493,7 +495,7 @@ SPLITS: tuple[str, ...] = ("discovery", "dev", "test", "train")
 
 
 def write_world(out_dir: str | Path, *, seed: int, n_discovery: int, n_dev: int, n_test: int,
-                n_train: int = 0, image_size: int = 128, shift: str = "none",
+                n_train: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, shift: str = "none",
                 progress: bool = True) -> dict:
     """Write `out_dir/images/*.png` and `{split}.json` for each split (train only when
     `n_train > 0`), each `{"data": [...], "meta": {...}}`. Returns a summary dict."""
@@ -541,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n-dev", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--n-train", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--shift", choices=SHIFTS, default="none")
     args = parser.parse_args(argv)
     summary = write_world(args.out, seed=args.seed, n_discovery=args.n_discovery,
