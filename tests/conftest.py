@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -57,3 +58,33 @@ def images():
 def prompts():
     return ["Describe the image in one sentence.",
             "Question: What color is the circle?\nAnswer the question with a short phrase."]
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@pytest.fixture(scope="session")
+def toy_vlm():
+    """The shipped toy VLM, loaded like any Hub model."""
+    from hones_core.models import load_vlm
+
+    return load_vlm(ASSETS / "toy-vlm", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_records(tmp_path_factory):
+    """A small fresh split of the synthetic world (a seed never used in training)."""
+    from hones_core.data import read_records
+    from hones_core.toy import world
+
+    out = tmp_path_factory.mktemp("world")
+    world.write_world(out, seed=4242, n_discovery=24, n_dev=1, n_test=1, progress=False)
+    return read_records(out / "discovery.json")
+
+
+@pytest.fixture(scope="session")
+def toy_items(toy_records):
+    """`toy_items(task)` -> TaskItems of the fresh split."""
+    from hones_core.tasks import items_for_task
+
+    return lambda task: items_for_task(task, toy_records, n_negatives=4, seed=0)

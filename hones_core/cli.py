@@ -1,0 +1,233 @@
+"""`python -m hones_core <command>`: each command prints one JSON summary per result on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .tasks import TASKS
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hub model id or local directory")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the model repo")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code from the model repo (off by default)")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="merged-COCO JSON or JSONL file")
+    p.add_argument("--images", default=None, help="image folder (default: images/ next to the data file)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N items of each task")
+    p.add_argument("--seed", type=int, default=0, help="seed for retrieval negatives")
+    p.add_argument("--n-negatives", type=int, default=9, help="hard negatives per retrieval item")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def _tasks(arg: str) -> list[str]:
+    return list(TASKS) if arg == "all" else [arg]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
+    from .evaluation import evaluate
+
+    vlm = _load(args)
+    results = []
+    for task, items in _task_items(args).items():
+        result = evaluate(vlm, items, batch_size=args.batch_size, progress=True)
+        print(json.dumps(result.summary()), flush=True)
+        results.append(result.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_vlm
+
+    return load_vlm(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                    trust_remote_code=args.trust_remote_code)
+
+
+def _task_items(args: argparse.Namespace, data_file: str | None = None) -> dict:
+    from .data import read_records
+    from .tasks import items_for_task
+
+    records = read_records(data_file or args.data, args.images)
+    return {task: items_for_task(task, records, n_negatives=args.n_negatives, seed=args.seed, limit=args.limit)
+            for task in _tasks(args.task)}
+
+
+def cmd_rank(args: argparse.Namespace) -> dict:
+    from .pipeline import RankParams, rank
+
+    vlm = _load(args)
+    params = RankParams(utility=args.utility, top_heads=args.top_heads, top_ratio=args.top_ratio, limit=args.limit,
+                        seed=args.seed, n_negatives=args.n_negatives, batch_size=args.batch_size)
+    artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params)
+    summary = {"out": args.out, "model": vlm.name, "tasks": {
+        task: {"top_heads": [list(h) for h in r.top_heads], "fallback": r.fallback,
+               "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values())}
+        for task, r in artifact.tasks.items()}}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def cmd_mask_eval(args: argparse.Namespace) -> dict:
+    from . import rankings
+    from .masking import evaluate_selections, jaccard, overlap_groups
+
+    vlm = _load(args)
+    artifact = rankings.load(args.rankings, revision=args.rankings_revision)
+    rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
+    task_items = _task_items(args)
+    methods = args.methods.split(",")
+    results: dict = {"ratio": args.top_ratio, "tasks": {}}
+    for task, items in task_items.items():
+        ranking = artifact.task(task)
+        selections = {m: ranking.select(m, args.top_ratio, seed=args.seed) for m in methods}
+        results["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=args.batch_size)
+    if args.cross:
+        hones = {task: artifact.task(task).select("hones", args.top_ratio) for task in task_items}
+        results["jaccard"] = {a: {b: jaccard(hones[a], hones[b]) for b in hones} for a in hones}
+        results["cross"] = {task: evaluate_selections(vlm, task_items[task], groups, batch_size=args.batch_size)
+                            for task, groups in overlap_groups(hones).items()}
+    print(json.dumps(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from . import rankings
+
+    url = rankings.push(args.rankings, args.repo_id, private=args.private, revision=args.revision)
+    print(json.dumps({"repo_id": args.repo_id, "commit": url}), flush=True)
+
+
+def cmd_bench_rank(args: argparse.Namespace) -> dict:
+    from .bench import bench_rank
+
+    vlm = _load(args)
+    data_file = args.data
+    if data_file is None:   # a fresh split of the synthetic world
+        from .toy import world
+
+        tmp = Path(args.workdir or "runs/bench-world")
+        world.write_world(tmp, seed=args.seed + 1000, n_discovery=max(args.limit or 32, 32), n_dev=1, n_test=1,
+                          progress=False)
+        data_file = str(tmp / "discovery.json")
+    items = _task_items(args, data_file)[args.task]
+    result = bench_rank(vlm, items, batch_size=args.batch_size)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def cmd_toy_data(args: argparse.Namespace) -> None:
+    from .toy import world
+
+    argv = ["--out", args.out, "--seed", str(args.seed), "--n-discovery", str(args.n_discovery),
+            "--n-dev", str(args.n_dev), "--n-test", str(args.n_test), "--n-train", str(args.n_train),
+            "--image-size", str(args.image_size), "--shift", args.shift]
+    world.main(argv)
+
+
+def cmd_toy_train(args: argparse.Namespace) -> None:
+    from .toy.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    data_file = Path(args.data)
+    if data_file.is_dir():
+        data_file = data_file / "train.json"
+    summary = train(data_file, args.out, cfg=cfg, max_steps=args.max_steps)
+    print(json.dumps(summary), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hones_core", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hones_core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="task metric of a model on a data file")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("rank", help="score heads and rank neurons (HONES); writes a rankings artifact")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    p.add_argument("--out", required=True, help="artifact folder (also holds progress; rerun to resume)")
+    p.add_argument("--utility", default="metric", choices=["metric", "logprob"])
+    p.add_argument("--top-heads", type=int, default=None, help="K_h (default: 3%% of all heads, at least 4)")
+    p.add_argument("--top-ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
+    p.add_argument("--rankings-revision", default=None)
+    p.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    p.add_argument("--methods", default="hones,activation,dvp,random")
+    p.add_argument("--top-ratio", type=float, default=0.01)
+    p.add_argument("--cross", action="store_true", help="also Jaccard overlaps and cross-task group masking")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_mask_eval)
+
+    p = sub.add_parser("push", help="upload a rankings artifact to a Hub dataset repo")
+    p.add_argument("--rankings", required=True)
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("bench-rank", help="batched head localization vs the one-head-one-item loop")
+    _add_model(p)
+    p.add_argument("--data", default=None, help="data file (default: a fresh synthetic-world split)")
+    p.add_argument("--images", default=None)
+    p.add_argument("--task", default="vqa", choices=list(TASKS))
+    p.add_argument("--limit", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-negatives", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workdir", default=None, help="where the generated split goes (default runs/bench-world)")
+    p.set_defaults(func=cmd_bench_rank)
+
+    p = sub.add_parser("toy-data", help="generate the synthetic world (images + merged-COCO JSON splits)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--n-discovery", type=int, default=200)
+    p.add_argument("--n-dev", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-train", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--shift", default="none", help="none, combos, small-text or clutter")
+    p.set_defaults(func=cmd_toy_data)
+
+    p = sub.add_parser("toy-train", help="train the toy VLM from scratch on a synthetic world")
+    p.add_argument("--data", required=True, help="the world folder (uses train.json) or a split file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.set_defaults(func=cmd_toy_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Running a VLM on task items and scoring it with the task's metric.
+
+VQA, OCR and captioning decode greedily (at most 24 new tokens) and score the cleaned
+answers; retrieval scores every candidate caption by logit(Yes) - logit(No) of the first
+answer token and reports NDCG@5 of the positive. Every call takes an optional
+intervention plan, one for all rows or one per item, which is what head localization
+and masking evaluation build on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .interventions import Plan
+from .models import VLM
+from .tasks import TaskItem, check_task, clean_answer
+
+MAX_NEW_TOKENS = 24
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric_name: str
+    metric: float
+    n: int
+    predictions: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        return {"task": self.task, "metric_name": self.metric_name, "metric": self.metric, "n": self.n}
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+def _row_plans(plans: Plan | Sequence[Plan | None] | None, rows: range):
+    if plans is None or isinstance(plans, Plan):
+        return plans
+    return [plans[i] for i in rows]
+
+
+def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
+            batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> list:
+    """Model outputs for `items` (all of one task): cleaned answers, or candidate scores for retrieval.
+
+    Args:
+        plans: one plan for every item, or one per item (same order as `items`).
+    """
+    if not items:
+        raise ValueError("no items to evaluate")
+    task = check_task(items[0].task)
+    if any(item.task != task for item in items):
+        raise ValueError("predict takes items of one task at a time")
+    if plans is not None and not isinstance(plans, Plan) and len(plans) != len(items):
+        raise ValueError(f"{len(plans)} plans for {len(items)} items")
+    bar = tqdm(total=len(items), desc=f"{task}", disable=not progress, leave=False)
+    outputs: list = []
+    if task == "retrieval":
+        yes, no = vlm.yes_no_ids()
+        for rows in _chunks(len(items), max(1, batch_size // 4)):
+            images, prompts, row_plans, owners = [], [], [], []
+            for i in rows:
+                image = items[i].load_image()
+                for prompt in items[i].candidate_prompts:
+                    images.append(image)
+                    prompts.append(prompt)
+                    owners.append(i)
+                    row_plans.append(plans if plans is None or isinstance(plans, Plan) else plans[i])
+            logits = vlm.next_token_logits(images, prompts, plans=_flatten(row_plans))
+            margin = (logits[:, yes] - logits[:, no]).tolist()
+            for i in rows:
+                outputs.append([m for m, owner in zip(margin, owners) if owner == i])
+            bar.update(len(rows))
+    else:
+        for rows in _chunks(len(items), batch_size):
+            answers = vlm.generate([items[i].load_image() for i in rows], [items[i].prompt for i in rows],
+                                   max_new_tokens=max_new_tokens, plans=_row_plans(plans, rows))
+            outputs.extend(clean_answer(a, task) for a in answers)
+            bar.update(len(rows))
+    bar.close()
+    return outputs
+
+
+def _flatten(row_plans: list):
+    """One shared plan stays shared (cheaper); otherwise one plan per row."""
+    first = row_plans[0]
+    if all(p is first for p in row_plans):
+        return first
+    return row_plans
+
+
+def references(items: Sequence[TaskItem]) -> list:
+    """What `metrics.aggregate` compares predictions with, per item."""
+    return [item.positive if item.task == "retrieval" else list(item.targets) for item in items]
+
+
+def evaluate(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
+             batch_size: int = 16, progress: bool = False) -> TaskResult:
+    """The task metric of `vlm` (under `plans`) on `items`."""
+    predictions = predict(vlm, items, plans=plans, batch_size=batch_size, progress=progress)
+    task = items[0].task
+    score = metrics.aggregate(task, predictions, references(items))
+    return TaskResult(task, metrics.METRIC_NAMES[task], float(score), len(items), predictions)
+
+
+@torch.inference_mode()
+def gold_logprob(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
+                 batch_size: int = 16) -> torch.Tensor:
+    """Teacher-forced mean log-probability per answer token of each item's gold answer, `[n]`."""
+    out = []
+    for rows in _chunks(len(items), batch_size):
+        out.append(vlm.answer_logprobs([items[i].load_image() for i in rows], [items[i].prompt for i in rows],
+                                       [items[i].answer for i in rows], plans=_row_plans(plans, rows),
+                                       reduction="mean"))
+    return torch.cat(out)

@@ -1,0 +1,158 @@
+"""The `rank` run: head localization then head-conditioned attribution, per task, resumable.
+
+Progress lives in `<out>/.progress/`: after every layer of head scores and every
+head-conditioned DVP pass, the partial results are written atomically (write, then
+rename). A run killed at any point and restarted with the same arguments skips what is
+done and produces the same artifact; a restart with different arguments refuses to mix
+the two and says how to start over. When every task is done the artifact is written and
+the progress folder removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__, rankings
+from .attribution import Sums, attribute
+from .localization import default_top_heads, score_heads
+from .models import VLM
+from .tasks import TaskItem
+
+
+class ProgressMismatchError(RuntimeError):
+    """The output folder holds progress of a run with other arguments."""
+
+
+@dataclass(frozen=True)
+class RankParams:
+    utility: str = "metric"
+    top_heads: int | None = None      # None: default_top_heads(L, H)
+    top_ratio: float = 0.01
+    limit: int | None = None
+    seed: int = 0
+    n_negatives: int = 9
+    batch_size: int = 32
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Progress:
+    """Partial results of one rank run, on disk."""
+
+    def __init__(self, out: Path, fingerprint: str):
+        self.dir = out / ".progress"
+        self.fingerprint = fingerprint
+        state_file = self.dir / "state.json"
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            if state["fingerprint"] != fingerprint:
+                raise ProgressMismatchError(
+                    f"{out} holds progress of a rank run with other arguments ({state['arguments']}); "
+                    f"rerun with those arguments to continue, or delete {self.dir} to start over")
+            self.state = state
+        else:
+            self.state = {"fingerprint": fingerprint, "arguments": "", "tasks": {}}
+
+    def task(self, task: str) -> dict:
+        return self.state["tasks"].setdefault(task, {"base": None, "heads": {}, "plans": []})
+
+    def save(self, arguments: str) -> None:
+        self.state["arguments"] = arguments
+        atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
+
+    def save_sums(self, task: str, index: int, sums: Sums) -> None:
+        path = self.dir / f"{task}-sums-{index}.safetensors"
+        with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+            tmp_file = Path(tmp) / "sums.safetensors"
+            save_file({"contributions": sums.contributions.contiguous(), "abs_activation": sums.abs_activation.contiguous()},
+                      str(tmp_file), metadata={"n": str(sums.n)})
+            os.replace(tmp_file, path)
+
+    def load_sums(self, task: str) -> dict[int, Sums]:
+        out = {}
+        for index in self.task(task)["plans"]:
+            with safe_open(str(self.dir / f"{task}-sums-{index}.safetensors"), "pt") as f:
+                out[index] = Sums(f.get_tensor("contributions"), f.get_tensor("abs_activation"), int(f.metadata()["n"]))
+        return out
+
+
+def fingerprint(vlm: VLM, data_file: str, tasks: Sequence[str], params: RankParams) -> tuple[str, str]:
+    arguments = json.dumps({"model": vlm.name, "revision": vlm.revision, "data": str(Path(data_file).resolve()),
+                            "tasks": list(tasks), **asdict(params)}, sort_keys=True)
+    return hashlib.sha256(arguments.encode()).hexdigest()[:16], arguments
+
+
+def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress: Progress, arguments: str,
+              *, show_progress: bool = True) -> rankings.TaskRanking:
+    task = items[0].task
+    state = progress.task(task)
+    arch = vlm.arch
+
+    def layer_done(layer: int, scores: list[float]) -> None:
+        state["heads"][str(layer)] = scores
+        progress.save(arguments)
+
+    if state["base"] is None:
+        head_scores = score_heads(vlm, items, utility=params.utility, batch_size=params.batch_size,
+                                  on_layer=layer_done, progress=show_progress)
+        state["base"] = head_scores.base
+    else:
+        done = {int(layer): scores for layer, scores in state["heads"].items()}
+        head_scores = score_heads(vlm, items, utility=params.utility, batch_size=params.batch_size, done=done,
+                                  base=state["base"], on_layer=layer_done, progress=show_progress)
+    progress.save(arguments)
+    k = params.top_heads or default_top_heads(arch.num_layers, arch.num_heads)
+    top = head_scores.top(k)
+
+    def plan_done(index: int, sums: Sums) -> None:
+        progress.save_sums(task, index, sums)
+        state["plans"].append(index)
+        progress.save(arguments)
+
+    result = attribute(vlm, items, top, head_scores.scores, batch_size=params.batch_size,
+                       done=progress.load_sums(task), on_plan=plan_done, progress=show_progress)
+    notes = ("no top head lowered the utility when ablated (all S_h <= 0): importance is the unconditioned DVP"
+             if result.fallback else "")
+    return rankings.TaskRanking(task=task, head_scores=head_scores.scores, importance=result.importance,
+                                top_heads=top, baselines=result.baselines, fallback=result.fallback, notes=notes)
+
+
+def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *, data_file: str,
+         params: RankParams = RankParams(), show_progress: bool = True) -> rankings.Rankings:
+    """Rank heads and neurons for every task of `task_items`; write the artifact to `out`."""
+    out = Path(out)
+    key, arguments = fingerprint(vlm, data_file, list(task_items), params)
+    progress = Progress(out, key)
+    results = {}
+    for task, items in task_items.items():
+        results[task] = rank_task(vlm, items, params, progress, arguments, show_progress=show_progress)
+    model = rankings.ModelInfo.from_arch(vlm.arch, id=vlm.name, revision=vlm.revision)
+    artifact = rankings.Rankings(
+        model=model, tasks=results,
+        params={**asdict(params), "top_heads": params.top_heads or default_top_heads(vlm.arch.num_layers,
+                                                                                     vlm.arch.num_heads)},
+        data={"file": Path(data_file).name, "items": {t: len(i) for t, i in task_items.items()}},
+        created_with=f"hones_core {__version__}")
+    rankings.save(artifact, out)
+    shutil.rmtree(progress.dir)
+    return artifact

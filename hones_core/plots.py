@@ -1,0 +1,387 @@
+"""Figures for the app, the dataset cards and the README.
+
+Every function is pure: arrays (numpy or torch) and plain lists/dicts in, a `Plot` out,
+i.e. a `matplotlib.figure.Figure` plus a one-line caption saying what it shows. Figures
+are built with `Figure(...)` directly, never through pyplot, so there is no global state
+and they can be drawn concurrently inside a web server. Bad input raises `ValueError`
+naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+Selection = dict[int, list[int]]
+
+# Colour-blind-friendly categorical palette (matplotlib's tab10) and markers, so lines stay
+# distinguishable in greyscale too.
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+_BASE_COLOUR, _STEERED_COLOUR = _PALETTE[0], _PALETTE[1]
+TOP_HEAD_LABEL = "top head"
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A figure and a one-line caption saying what it shows."""
+    figure: Figure
+    caption: str
+
+    def __post_init__(self):
+        if not self.caption.strip() or "\n" in self.caption:
+            raise ValueError("caption must be one non-empty line")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _array(x, name: str, ndim: int) -> np.ndarray:
+    """`x` (numpy, torch or nested lists) as a finite float64 array with `ndim` dimensions."""
+    if hasattr(x, "detach"):                      # torch tensor, without importing torch
+        x = x.detach().cpu().float().numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array: {err}") from None
+    if arr.ndim != ndim:
+        want = {1: "a 1-D array", 2: "a 2-D array"}[ndim]
+        raise ValueError(f"{name} must be {want}, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _tick_step(n: int, max_ticks: int = 16) -> int:
+    return max(1, math.ceil(n / max_ticks))
+
+
+def _check_selections(selections, name: str = "selections") -> dict[str, set[tuple[int, int]]]:
+    if not isinstance(selections, Mapping) or not selections:
+        raise ValueError(f"{name} must be a non-empty dict task -> {{layer: [neuron, ...]}}")
+    sets: dict[str, set[tuple[int, int]]] = {}
+    for task, selection in selections.items():
+        if not isinstance(selection, Mapping):
+            raise ValueError(f"{name}[{task!r}] must be a dict layer -> [neuron, ...], "
+                             f"got {type(selection).__name__}")
+        sets[str(task)] = {(int(layer), int(n)) for layer, neurons in selection.items() for n in neurons}
+    return sets
+
+
+def _check_results(results, name: str = "results") -> dict[str, dict[str, float]]:
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(f"{name} must be a non-empty dict task -> {{series: value}}")
+    out: dict[str, dict[str, float]] = {}
+    for task, row in results.items():
+        if not isinstance(row, Mapping) or not row:
+            raise ValueError(f"{name}[{task!r}] must be a non-empty dict series -> value")
+        out[str(task)] = {}
+        for series, value in row.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}[{task!r}][{series!r}] must be a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{name}[{task!r}][{series!r}] is not finite")
+            out[str(task)][str(series)] = value
+    return out
+
+
+def _grouped_bars(ax, results: dict[str, dict[str, float]], series: list[str], colours: list) -> None:
+    """Bars at x = task index, one offset bar per series; missing (task, series) pairs are skipped."""
+    tasks = list(results)
+    width = 0.8 / len(series)
+    for j, (name, colour) in enumerate(zip(series, colours)):
+        xs = [i for i, t in enumerate(tasks) if name in results[t]]
+        heights = [results[tasks[i]][name] for i in xs]
+        offsets = np.asarray(xs, dtype=float) - 0.4 + width * (j + 0.5)
+        bars = ax.bar(offsets, heights, width, label=name, color=colour, edgecolor="white", linewidth=0.5)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, ncols=min(len(series), 4), loc="upper center",
+              bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+# --------------------------------------------------------------------------- heads
+
+def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str) -> Plot:
+    """Heatmap of head scores S(l,h) `[layers, heads]` with the top heads outlined.
+
+    Layer 0 is at the bottom. The colour scale is symmetric around 0 (red: ablating the
+    head hurts the task metric, blue: it helps).
+    """
+    scores = _array(head_scores, "head_scores", 2)
+    n_layers, n_heads = scores.shape
+    heads: list[tuple[int, int]] = []
+    for item in top_heads:
+        try:
+            layer, head = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise ValueError(f"top_heads must be (layer, head) pairs, got {item!r}") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"top_heads has ({layer}, {head}) outside head_scores of shape "
+                             f"[{n_layers} layers, {n_heads} heads]")
+        if (layer, head) not in heads:
+            heads.append((layer, head))
+
+    fig = _figure(min(max(2.4 + 0.2 * n_heads, 5.0), 11.0), min(max(1.4 + 0.18 * n_layers, 3.5), 9.0))
+    ax = fig.add_subplot()
+    vmax = float(np.abs(scores).max()) or 1.0
+    image = ax.imshow(scores, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                      interpolation="nearest")
+    for layer, head in heads:
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
+                               linewidth=2.0, label=TOP_HEAD_LABEL, clip_on=False))
+    ax.set_xticks(range(0, n_heads, _tick_step(n_heads)))
+    ax.set_yticks(range(0, n_layers, _tick_step(n_layers)))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer (0 = bottom)")
+    ax.set_title(f"Head scores S(l,h): {task}")
+    fig.colorbar(image, ax=ax, label="score (metric drop)", shrink=0.9)
+    caption = (f"Head scores S(l,h) for {task}: drop in task metric when each head is mean-replaced; "
+               f"boxes mark the {len(heads)} heads used for neuron attribution.")
+    return Plot(fig, caption)
+
+
+# --------------------------------------------------------------------------- neurons
+
+def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> Plot:
+    """Fraction of each task's selected neurons that lie in each layer, one line per task."""
+    sets = _check_selections(selections)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    layers = np.arange(num_layers)
+    for k, (task, pairs) in enumerate(sets.items()):
+        bad = sorted({layer for layer, _ in pairs if not 0 <= layer < num_layers})
+        if bad:
+            raise ValueError(f"selections[{task!r}] has layers {bad} outside 0..{num_layers - 1} (num_layers)")
+        counts = np.bincount([layer for layer, _ in pairs], minlength=num_layers).astype(float)
+        fraction = counts / counts.sum() if counts.sum() else counts
+        ax.plot(layers, fraction, marker=_MARKERS[k % len(_MARKERS)], markersize=4,
+                color=_PALETTE[k % len(_PALETTE)], label=f"{task} (n={len(pairs)})")
+    ax.set_xticks(range(0, num_layers, _tick_step(num_layers)))
+    ax.set_xlim(-0.5, num_layers - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of selected neurons")
+    ax.set_title("Where the selected neurons are")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="task", title_fontsize=8)
+    caption = "Fraction of each task's selected FFN neurons that lie in each decoder layer."
+    return Plot(fig, caption)
+
+
+def jaccard(selections: Mapping[str, Selection]) -> tuple[list[str], np.ndarray]:
+    """Pairwise Jaccard overlap |A∩B| / |A∪B| of the tasks' neuron sets.
+
+    Returns the task names (in the order given) and a symmetric `[tasks, tasks]` matrix;
+    two empty sets have overlap 0 (as in `masking.jaccard`).
+    """
+    sets = _check_selections(selections)
+    tasks = list(sets)
+    matrix = np.zeros((len(tasks), len(tasks)))
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            union = sets[a] | sets[b]
+            matrix[i, j] = len(sets[a] & sets[b]) / len(union) if union else 0.0
+    return tasks, matrix
+
+
+def overlap_matrix(tasks: Sequence[str], jaccard: object) -> Plot:
+    """Annotated heatmap of the `[tasks, tasks]` Jaccard overlap of top-neuron sets."""
+    tasks = [str(t) for t in tasks]
+    values = _array(jaccard, "jaccard", 2)
+    n = len(tasks)
+    if values.shape != (n, n):
+        raise ValueError(f"jaccard must be [{n}, {n}] for {n} tasks, got shape {tuple(values.shape)}")
+    if values.min() < 0 or values.max() > 1:
+        raise ValueError("jaccard values must lie in [0, 1]")
+    fig = _figure(max(2.6 + 1.0 * n, 4.5), max(2.0 + 0.85 * n, 3.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for i in range(n):
+        for j in range(n):
+            # viridis is dark below ~0.55 and light above
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if values[i, j] < 0.55 else "black")
+    long_names = max(map(len, tasks)) > 6
+    ax.set_xticks(range(n), tasks, rotation=30 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("task")
+    ax.set_ylabel("task")
+    ax.set_title("Overlap of top-neuron sets")
+    fig.colorbar(image, ax=ax, label="Jaccard index", shrink=0.9)
+    caption = "Jaccard overlap |A∩B| / |A∪B| between the tasks' selected neuron sets (1 = identical, 0 = disjoint)."
+    return Plot(fig, caption)
+
+
+# --------------------------------------------------------------------------- masking
+
+def masking_bars(results: Mapping[str, Mapping[str, float]], *, metric_name: str | None = None) -> Plot:
+    """Grouped bars: relative drop (%) of each task's metric when each method's neurons are masked.
+
+    `results` is `{task: {method: relative drop in %}}`; methods keep their first-seen order.
+    """
+    data = _check_results(results)
+    methods = list(dict.fromkeys(m for row in data.values() for m in row))
+    fig = _figure(max(6.0, 1.2 + 0.45 * len(data) * len(methods)), 4.0)
+    ax = fig.add_subplot()
+    _grouped_bars(ax, data, methods, [_PALETTE[k % len(_PALETTE)] for k in range(len(methods))])
+    metric = metric_name or "task metric"
+    ax.set_xlabel("task")
+    ax.set_ylabel(f"relative drop in {metric} (%)")
+    ax.set_title("Masking the selected neurons")
+    caption = (f"Relative drop (%) in the {metric} on held-out data when each method's selected "
+               f"neurons are masked (zeroed); higher means the neurons matter more.")
+    return Plot(fig, caption)
+
+
+def _group_order(name: str) -> tuple[int, str]:
+    if name == "task-specific":
+        return (1, name)
+    match = re.fullmatch(r"shared by (?:all )?(\d+)", name)
+    return (int(match.group(1)), name) if match else (10**6, name)
+
+
+def cross_ablation_bars(results: Mapping[str, Mapping[str, float]]) -> Plot:
+    """For each task, relative drop (%) when its task-specific or shared neuron groups are masked.
+
+    `results` is `{task: {group: relative drop in %}}` with groups named as in
+    `masking.overlap_groups` ("task-specific", "shared by 2", ..., "shared by all 4").
+    """
+    data = _check_results(results)
+    groups = sorted(dict.fromkeys(g for row in data.values() for g in row), key=_group_order)
+    # ordinal groups: a sequential palette, from "own" (dark) to "shared by all" (light)
+    colours = [colormaps["viridis"](v) for v in np.linspace(0.1, 0.8, len(groups))]
+    fig = _figure(max(6.0, 1.2 + 0.45 * len(data) * len(groups)), 4.0)
+    ax = fig.add_subplot()
+    _grouped_bars(ax, data, groups, colours)
+    ax.set_xlabel("task")
+    ax.set_ylabel("relative drop in task metric (%)")
+    ax.set_title("Masking task-specific vs shared neurons")
+    caption = ("Relative drop (%) in each task's metric when its selected neurons are masked group by "
+               "group: neurons only this task selects versus neurons shared with other tasks.")
+    return Plot(fig, caption)
+
+
+# --------------------------------------------------------------------------- one input
+
+def contributions(labels: Sequence[str], base, steered, *, title_hint: str = "") -> Plot:
+    """Horizontal paired bars of the write-in contributions `[n]` of the top neurons, base vs steered.
+
+    The first label is drawn at the top.
+    """
+    labels = [str(label) for label in labels]
+    base = _array(base, "base", 1)
+    steered = _array(steered, "steered", 1)
+    if len(labels) != len(base):
+        raise ValueError(f"labels has {len(labels)} entries but base has {len(base)}")
+    if steered.shape != base.shape:
+        raise ValueError(f"steered must have the shape of base {tuple(base.shape)}, got {tuple(steered.shape)}")
+    n = len(labels)
+    fig = _figure(6.0, min(max(1.3 + 0.3 * n, 3.0), 12.0))
+    ax = fig.add_subplot()
+    y = np.arange(n)
+    ax.barh(y - 0.2, base, 0.4, label="base", color=_BASE_COLOUR)
+    ax.barh(y + 0.2, steered, 0.4, label="steered", color=_STEERED_COLOUR)
+    ax.set_yticks(y, labels, fontsize=8 if n > 12 else 9)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("write-in contribution to the answer direction")
+    ax.set_ylabel("neuron")
+    ax.set_title("Top neuron contributions" + (f": {title_hint}" if title_hint else ""))
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    caption = (f"Write-in contributions z·⟨W_down, u_y⟩ of the {n} top selected neurons to the answer "
+               f"direction for this input, base vs steered model.")
+    return Plot(fig, caption)
+
+
+def layer_sums(base, steered) -> Plot:
+    """Per-layer sums `[layers]` of the selected neurons' contributions, base vs steered."""
+    base = _array(base, "base", 1)
+    steered = _array(steered, "steered", 1)
+    if steered.shape != base.shape:
+        raise ValueError(f"steered must have the shape of base {tuple(base.shape)}, got {tuple(steered.shape)}")
+    n_layers = len(base)
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    layers = np.arange(n_layers)
+    ax.plot(layers, base, marker="o", markersize=4, color=_BASE_COLOUR, label="base")
+    ax.plot(layers, steered, marker="s", markersize=4, color=_STEERED_COLOUR, label="steered")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(0, n_layers, _tick_step(n_layers)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("sum of contributions")
+    ax.set_title("Contributions per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    caption = "Sum over each layer of the selected neurons' write-in contributions to the answer, base vs steered model."
+    return Plot(fig, caption)
+
+
+def strength_sweep(factors, values, *, current: float | None = None,
+                   ylabel: str = "gold answer log-prob") -> Plot:
+    """`values [k]` against the scaling `factors [k]` (drawn sorted by factor), with factor 1 and
+    the `current` factor marked."""
+    factors = _array(factors, "factors", 1)
+    values = _array(values, "values", 1)
+    if values.shape != factors.shape:
+        raise ValueError(f"values must have one entry per factor ({len(factors)}), got {len(values)}")
+    if current is not None and not math.isfinite(float(current)):
+        raise ValueError(f"current must be a finite number, got {current!r}")
+    order = np.argsort(factors, kind="stable")
+    xs, ys = factors[order], values[order]
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    ax.plot(xs, ys, marker="o", markersize=5, color=_BASE_COLOUR, label=ylabel)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1, label="unchanged (×1)")
+    if current is not None:
+        current = float(current)
+        ax.axvline(current, color=_PALETTE[3], linestyle=":", linewidth=1.5, label=f"current (×{current:g})")
+        if xs[0] <= current <= xs[-1]:
+            ax.plot([current], [np.interp(current, xs, ys)], marker="*", markersize=13,
+                    color=_PALETTE[3], linestyle="none")
+    ax.set_xlabel("scaling factor on the selected neurons")
+    ax.set_ylabel(ylabel)
+    ax.set_title("Steering strength")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    caption = (f"{ylabel[:1].upper()}{ylabel[1:]} as the selected neurons are scaled by each factor; "
+               f"the dashed line marks factor 1 (unchanged)"
+               + (f", the dotted line the current factor ×{current:g}." if current is not None else "."))
+    return Plot(fig, caption)
+
+
+# --------------------------------------------------------------------------- output
+
+def save(plot: Plot | Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write the plot as a PNG at `path` (parent folders are created); returns the path."""
+    figure = plot.figure if isinstance(plot, Plot) else plot
+    if not isinstance(figure, Figure):
+        raise ValueError(f"plot must be a Plot or a Figure, got {type(plot).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, format="png")
+    return path
