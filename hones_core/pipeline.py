@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__, rankings
+from .rankings import atomic_write
 from .attribution import Sums, attribute
 from .localization import default_top_heads, score_heads
 from .models import VLM
@@ -42,18 +41,6 @@ class RankParams:
     seed: int = 0
     n_negatives: int = 9
     batch_size: int = 32
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class Progress:
@@ -81,12 +68,9 @@ class Progress:
         atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
 
     def save_sums(self, task: str, index: int, sums: Sums) -> None:
-        path = self.dir / f"{task}-sums-{index}.safetensors"
-        with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
-            tmp_file = Path(tmp) / "sums.safetensors"
-            save_file({"contributions": sums.contributions.contiguous(), "abs_activation": sums.abs_activation.contiguous()},
-                      str(tmp_file), metadata={"n": str(sums.n)})
-            os.replace(tmp_file, path)
+        data = save({"contributions": sums.contributions.contiguous(),
+                     "abs_activation": sums.abs_activation.contiguous()}, metadata={"n": str(sums.n)})
+        atomic_write(self.dir / f"{task}-sums-{index}.safetensors", data)
 
     def load_sums(self, task: str) -> dict[int, Sums]:
         out = {}

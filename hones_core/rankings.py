@@ -388,7 +388,7 @@ def _check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> No
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -422,9 +422,9 @@ def _top_json(ranking: TaskRanking) -> dict:
 
 def _write_task(directory: Path, ranking: TaskRanking) -> None:
     task_dir = directory / ranking.task
-    _atomic_write(task_dir / HEADS_FILE, safetensors_bytes({"head_scores": ranking.head_scores}))
-    _atomic_write(task_dir / NEURONS_FILE, safetensors_bytes({"importance": ranking.importance, **ranking.baselines}))
-    _atomic_write(task_dir / TOP_FILE, _json_bytes(_top_json(ranking)))
+    atomic_write(task_dir / HEADS_FILE, safetensors_bytes({"head_scores": ranking.head_scores}))
+    atomic_write(task_dir / NEURONS_FILE, safetensors_bytes({"importance": ranking.importance, **ranking.baselines}))
+    atomic_write(task_dir / TOP_FILE, _json_bytes(_top_json(ranking)))
     if ranking.scales is not None:
         _write_scales(task_dir / SCALES_FILE, ranking.scales)
     elif (task_dir / SCALES_FILE).exists():
@@ -433,7 +433,7 @@ def _write_task(directory: Path, ranking: TaskRanking) -> None:
 
 def _write_scales(path: Path, scales: Scales) -> None:
     metadata = {str(key): json.dumps(value) for key, value in scales.meta.items()}
-    _atomic_write(path, safetensors_bytes({"scale": scales.scale, "layer": scales.layers, "neuron": scales.neurons},
+    atomic_write(path, safetensors_bytes({"scale": scales.scale, "layer": scales.layers, "neuron": scales.neurons},
                                           metadata=metadata or None))
 
 
@@ -465,8 +465,8 @@ def save(rankings: Rankings, path: str | Path, *, figures: Mapping[str, str] | N
     for ranking in rankings.tasks.values():
         _write_task(directory, ranking)
     figures = _card_figures(directory) if figures is None else figures
-    _atomic_write(directory / CARD_FILE, dataset_card(rankings, figures).encode())
-    _atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))   # last: it commits the rest
+    atomic_write(directory / CARD_FILE, dataset_card(rankings, figures).encode())
+    atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))   # last: it commits the rest
     return directory
 
 
@@ -483,8 +483,8 @@ def save_task(rankings_dir: str | Path, task_ranking: TaskRanking) -> Path:
     _check_task_shapes(rankings.model, task_ranking, f"cannot add to {directory}")
     rankings.tasks[task_ranking.task] = task_ranking
     _write_task(directory, task_ranking)
-    _atomic_write(directory / CARD_FILE, dataset_card(rankings, _card_figures(directory)).encode())
-    _atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))
+    atomic_write(directory / CARD_FILE, dataset_card(rankings, _card_figures(directory)).encode())
+    atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))
     return directory / task_ranking.task
 
 
@@ -513,7 +513,7 @@ def save_scales(rankings_dir: str | Path, task: str, scales: Scales) -> Path:
     path = directory / task / SCALES_FILE
     _write_scales(path, scales)
     ranking.scales = scales
-    _atomic_write(directory / CARD_FILE, dataset_card(rankings, _card_figures(directory)).encode())
+    atomic_write(directory / CARD_FILE, dataset_card(rankings, _card_figures(directory)).encode())
     return path
 
 
