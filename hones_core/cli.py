@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toy-train", help="train the toy VLM from scratch on a synthetic world")
     p.add_argument("--data", required=True, help="the world folder (uses train.json) or a split file")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -1,17 +1,17 @@
-"""The toy VLM: a real `LlavaForConditionalGeneration`, small enough to train on a laptop CPU.
+"""The toy VLM: a real `Idefics3ForConditionalGeneration`, small enough to train on a laptop CPU.
 
-A CLIP vision tower (128x128 images, 16x16 patches -> 64 image tokens) feeds a 4-layer Llama
-text model through LLaVA's two-layer projector. The tokenizer is word-level, trained by
-our own code on every word the synthetic world, the task prompts and the chat template
-use; it lowercases, splits words from punctuation, and its decoder puts punctuation back
-against the word before it. The chat template is LLaVA-1.5's:
-`USER: <image>\\n{prompt} ASSISTANT: {answer}</s>`.
+An Idefics3 vision tower (96x96 images, 16x16 patches, 3 layers of width 128) feeds a 4-layer
+Llama text model (width 128, 4 heads, FFN 384) through Idefics3's pixel-shuffle connector
+(2x2 patches -> one token, so 9 image tokens). The tokenizer is word-level, trained by our own
+code on every word the synthetic world, the task prompts and the chat template use; it
+lowercases, splits words from punctuation, and its decoder puts punctuation back against the
+word before it. The chat template is LLaVA-1.5's: `USER: <image>\\n{prompt} ASSISTANT: {answer}</s>`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,7 +108,3 @@ def save(model, processor, out: str | Path) -> Path:
     model.save_pretrained(out)   # safetensors
     processor.save_pretrained(out)
     return out
-
-
-def describe(config: ToyConfig) -> dict:
-    return asdict(config)

@@ -32,7 +32,7 @@ from .model import ToyConfig, build_toy_vlm, save
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     n_negatives: int = 9
     caption_fraction: float = 0.5   # captions are the longest, and learned first: caption half the images
+    ocr_repeats: int = 2            # reading is learned last: show each OCR example this many times an epoch
     threads: int = 2
 
 
@@ -82,7 +83,7 @@ class Encoder:
 
 
 def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *, seed: int,
-              n_negatives: int, caption_fraction: float = 1.0) -> list[Example]:
+              n_negatives: int, caption_fraction: float = 1.0, ocr_repeats: int = 1) -> list[Example]:
     rng = random.Random(seed)
     out: list[Example] = []
 
@@ -94,7 +95,8 @@ def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *
         if record.question:
             add(record, "vqa", tasks.vqa_prompt(record.question), record.answer)
         if record.ocr_text:
-            add(record, "ocr", tasks.ocr_prompt(), record.ocr_text)
+            for _ in range(ocr_repeats):
+                add(record, "ocr", tasks.ocr_prompt(), record.ocr_text)
         if record.captions and rng.random() < caption_fraction:
             add(record, "caption", tasks.caption_prompt(), record.captions[0])
     by_index = {r.index: r for r in records}
@@ -155,7 +157,7 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
         for i in range(0, len(records), 256)])
 
     first_epoch = _examples(records, encoder, image_index, seed=cfg.seed, n_negatives=cfg.n_negatives,
-                            caption_fraction=cfg.caption_fraction)
+                            caption_fraction=cfg.caption_fraction, ocr_repeats=cfg.ocr_repeats)
     steps_per_epoch = math.ceil(len(first_epoch) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * cfg.epochs)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -170,7 +172,7 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
     for epoch in range(cfg.epochs):
         examples = first_epoch if epoch == 0 else _examples(records, encoder, image_index, seed=cfg.seed + epoch,
                                                             n_negatives=cfg.n_negatives,
-                                                            caption_fraction=cfg.caption_fraction)
+                                                            caption_fraction=cfg.caption_fraction, ocr_repeats=cfg.ocr_repeats)
         for start in range(0, len(examples), cfg.batch_size):
             if step >= total:
                 break
