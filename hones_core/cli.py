@@ -103,8 +103,10 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from . import rankings
+    from . import plots, rankings
 
+    if not args.no_figures:
+        plots.write_card_figures(args.rankings)
     url = rankings.push(args.rankings, args.repo_id, private=args.private, revision=args.revision)
     print(json.dumps({"repo_id": args.repo_id, "commit": url}), flush=True)
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--no-figures", action="store_true",
+                   help="upload as is (default: redraw the card's head-heatmap and layer-distribution figures)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("bench-rank", help="batched head localization vs the one-head-one-item loop")

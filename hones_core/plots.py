@@ -385,3 +385,36 @@ def save(plot: Plot | Figure, path: str | Path, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, format="png")
     return path
+
+
+# --------------------------------------------------------------------------- dataset card
+
+def card_figures(artifact, *, ratio: float = 0.01) -> dict[str, Plot]:
+    """The figures of a rankings artifact's dataset card, keyed by PNG path inside the folder.
+
+    One head-score heatmap per task (`figures/heads-<task>.png`) and the layer distribution
+    of every task's HONES selection at `ratio` (`figures/layers.png`).
+    """
+    plots = {f"figures/heads-{task}.png": head_heatmap(r.head_scores, r.top_heads, task=task)
+             for task, r in artifact.tasks.items()}
+    selections = {task: r.select("hones", ratio) for task, r in artifact.tasks.items()}
+    plots["figures/layers.png"] = layer_distribution(selections, artifact.model.num_layers)
+    return plots
+
+
+def write_card_figures(directory: str | Path, *, ratio: float = 0.01) -> dict[str, str]:
+    """Draw `card_figures` into a local artifact folder and relink its dataset card to them.
+
+    Returns:
+        {PNG path relative to the folder: caption}.
+    """
+    from . import rankings
+
+    directory = Path(directory)
+    artifact = rankings.load(directory)
+    figures = {}
+    for relative, plot in card_figures(artifact, ratio=ratio).items():
+        save(plot, directory / relative)
+        figures[relative] = plot.caption
+    rankings.save(artifact, directory, figures=figures)
+    return figures

@@ -537,3 +537,20 @@ def test_import_official_fallback_and_errors(tmp_path):
         R.import_official(tmp_path / "ocr", task="ocr", model=OFFICIAL_MODEL)
     with pytest.raises(RankingsNotFoundError):
         R.import_official(tmp_path / "absent", task="ocr", model=OFFICIAL_MODEL)
+
+
+def test_cli_push_draws_the_card_figures(tmp_path, hub):
+    from hones_core.cli import main
+
+    folder = R.save(make_rankings("vqa", "ocr"), tmp_path / "art")
+    assert main(["push", "--rankings", str(folder), "--repo-id", "org/with-figures"]) in (0, None)
+    files = hub.store.files("org/with-figures")
+    expected = {"figures/heads-vqa.png", "figures/heads-ocr.png", "figures/layers.png"}
+    assert expected <= set(files)
+    for name in expected:
+        assert files[name].startswith(b"\x89PNG") and len(files[name]) > 2000
+    card = files["README.md"].decode()
+    for name in expected:
+        assert f"]({name})" in card
+    assert "Head scores S(l,h) for ocr" in card
+    assert R.load("org/with-figures", cache_dir=hub.cache).tasks.keys() == {"vqa", "ocr"}
