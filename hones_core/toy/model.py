@@ -68,7 +68,9 @@ def build_tokenizer(words: set[str] | list[str]) -> PreTrainedTokenizerFast:
     tok.add_special_tokens(SPECIAL_TOKENS)   # never split, never lowercased
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins with spaces, " ." -> "."
+    # WordPiece joins with spaces and its cleanup glues " ." " ," " ?" " !" to the word before;
+    # it leaves " :" alone, so a Replace (applied per decoded piece) glues the colon too.
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":")])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
 
