@@ -102,6 +102,42 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     return results
 
 
+def cmd_steer(args: argparse.Namespace) -> dict:
+    from . import rankings
+    from .steering import METHODS, SteerConfig, results_table, run_task
+
+    if Path(args.dev).resolve() == Path(args.test).resolve():
+        raise ValueError(f"--dev and --test are the same file ({args.dev}); steering is chosen on dev and "
+                         "reported on test, so give two disjoint splits")
+    if args.into_rankings and not Path(args.rankings).is_dir():
+        raise ValueError(f"--into-rankings writes into a local artifact folder; {args.rankings} is not one "
+                         "(pull the Hub repo to a folder first, or copy <out>/<task>/scales.safetensors yourself)")
+    vlm = _load(args)
+    artifact = rankings.load(args.rankings, revision=args.rankings_revision)
+    rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    cfg = SteerConfig(epochs=args.epochs, seed=args.seed)
+    dev, test = _task_items(args, args.dev), _task_items(args, args.test)
+    info = {"dev_file": str(Path(args.dev).resolve()), "test_file": str(Path(args.test).resolve()),
+            "limit": args.limit, "n_negatives": args.n_negatives}
+    docs = []
+    for task in dev:
+        ranking = artifact.task(task)
+        doc = run_task(vlm, ranking, dev[task], test[task], methods, args.out, ratio=args.ratio, cfg=cfg,
+                       batch_size=args.batch_size, run_info=info)
+        if args.into_rankings and "learned" in doc["results"]:
+            scales = rankings.read_scales(Path(args.out) / doc["results"]["learned"]["settings"]["scales_file"],
+                                          artifact.model)
+            rankings.save_scales(args.rankings, task, scales)
+        docs.append(doc)
+    Path(args.out, "table.md").write_text(results_table(docs))
+    summary = {"out": args.out, "model": vlm.name, "tasks": {
+        d["task"]: {"metric_name": d["metric_name"], "n_test": d["n_test"], "neurons": d["neurons"],
+                    **{m: r["metric"] for m, r in d["results"].items()}} for d in docs}}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from . import plots, rankings
 
@@ -182,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross", action="store_true", help="also Jaccard overlaps and cross-task group masking")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_mask_eval)
+
+    p = sub.add_parser("steer", help="fixed, grid-searched and learned neuron scaling; chosen on dev, "
+                                     "reported on test")
+    _add_model(p)
+    p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
+    p.add_argument("--rankings-revision", default=None)
+    p.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    p.add_argument("--dev", required=True, help="dev split (factors chosen and scales learned here)")
+    p.add_argument("--test", required=True, help="test split (every method reported here)")
+    p.add_argument("--images", default=None, help="image folder (default: images/ next to each data file)")
+    p.add_argument("--method", default="all", choices=["fixed", "grid", "learned", "learned-nokl", "random", "all"])
+    p.add_argument("--out", required=True, help="results folder (also holds progress; rerun to resume)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N items of each split and task")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of learned scaling (default 2)")
+    p.add_argument("--ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed for retrieval negatives, example order, RandNeuron")
+    p.add_argument("--n-negatives", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (training uses batch 1)")
+    p.add_argument("--into-rankings", action="store_true",
+                   help="also store the learned scales in the (local) rankings artifact as <task>/scales.safetensors")
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("push", help="upload a rankings artifact to a Hub dataset repo")
     p.add_argument("--rankings", required=True)

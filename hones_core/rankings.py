@@ -437,6 +437,26 @@ def _write_scales(path: Path, scales: Scales) -> None:
                                           metadata=metadata or None))
 
 
+def write_scales(path: str | Path, scales: Scales) -> Path:
+    """Write learned scales on their own, in the `<task>/scales.safetensors` format (atomically).
+
+    `steer` writes its results this way; `save_scales` puts them into an artifact.
+    """
+    path = Path(path)
+    _write_scales(path, scales)
+    return path
+
+
+def read_scales(path: str | Path, model: ModelInfo) -> Scales:
+    """Read a scales file written by `write_scales` (or an artifact's), checked against `model`'s shapes.
+
+    Raises:
+        RankingsSchemaError: the file is missing, malformed, or indexes neurons `model` does not have.
+    """
+    path = Path(path)
+    return _read_scales(path, str(path), model)
+
+
 def _manifest(rankings: Rankings) -> dict:
     return {"schema": SCHEMA, "model": rankings.model.to_dict(), "tasks": list(rankings.tasks),
             "params": rankings.params, "data": rankings.data, "created_with": rankings.created_with}

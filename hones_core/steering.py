@@ -1,0 +1,495 @@
+"""Steering: scale a task's selected FFN neurons to make the model better at the task.
+
+All methods act on the neurons a rankings artifact selects for the task (the global top
+`ratio` of all (layer, neuron) pairs, default 1 %), and are reported on the test split
+(DESIGN.md section 3):
+
+- `fixed` (Fixed-Amp): every selected neuron x 2.0.
+- `grid` (Grid-Search): one factor from `GRID` for all selected neurons, the one with the best
+  task metric on dev (ties: the factor closest to 1, i.e. the smallest change).
+- `learned`: z~ = z * (1 + m * s), m the selected-neuron mask, s one fp32 scale per selected
+  neuron (init 0) and the only tensor that is trained. Loss per dev example = mean CE of the
+  answer tokens + beta * KL(p_orig || p_scaled) on the answer positions + lambda * mean(s^2).
+  AdamW (no weight decay), cosine from lr to 0.1 * lr, grad-norm clip, batch 1 with gradient
+  accumulation, s clamped to [-clamp, clamp] after every step (`SteerConfig`).
+- `learned-nokl`: the same with beta = 0.
+- `random` (RandNeuron): random neurons with the HONES selection's per-layer counts (seeded),
+  learned like `learned`.
+
+The teacher p_orig is the same model run without the scaling (no second copy of the weights).
+During training every model parameter has `requires_grad=False` (restored afterwards), so
+only s gets a gradient. Prompt+answer sequences come from `VLM.encode(..., with_stop=True)`:
+the same chat template and image expansion as generation, labels on exactly the answer
+tokens and the end-of-turn token (so the model also learns where to stop).
+
+The official release's learned steering never took an optimiser step (it called a missing
+method and swallowed the error); here every failure raises.
+
+`run_task` runs the chosen methods for one task and keeps `<out>/<task>/results.json` up to
+date after each method; learned training writes a checkpoint at every epoch boundary to
+`<out>/.progress/`, so rerunning the same command continues where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from . import rankings
+from .evaluation import evaluate
+from .interventions import LearnedScale, NeuronScale, Plan, intervene
+from .localization import utilities
+from .metrics import METRIC_NAMES
+from .models import VLM, Encoded
+from .rankings import Scales, TaskRanking, atomic_write
+from .tasks import TaskItem
+
+METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
+LEARNED = ("learned", "learned-nokl", "random")
+GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+FIXED_FACTOR = 2.0
+RESULTS_FILE = "results.json"
+
+Selection = dict[int, list[int]]
+
+
+class SteeringProgressError(RuntimeError):
+    """The output folder holds results or a checkpoint of a steer run with other arguments."""
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Learned-scaling hyper-parameters (defaults: the official code's)."""
+    beta: float = 0.05           # weight of KL(p_orig || p_scaled)
+    lam: float = 1e-5            # weight of mean(s^2)
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1    # cosine schedule ends at min_lr_ratio * lr
+    grad_clip: float = 1.0
+    accumulation: int = 4        # examples per optimiser step (batch size is 1)
+    epochs: int = 2
+    clamp: float = 1.5           # s in [-clamp, clamp] after every step
+    seed: int = 0                # example order per epoch
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.accumulation < 1:
+            raise ValueError(f"epochs and accumulation must be at least 1, got {self.epochs} and {self.accumulation}")
+        if self.lr <= 0 or self.beta < 0 or self.lam < 0 or self.clamp <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"invalid steering config {self}: lr, clamp and grad_clip must be > 0, "
+                             "beta and lam >= 0")
+
+
+# --------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (image, prompt, answer) training sequence; the image comes from `item` (OCR box drawn)."""
+    item: TaskItem
+    prompt: str
+    answer: str
+
+
+def training_examples(items: Sequence[TaskItem]) -> list[Example]:
+    """Teacher-forcing examples of dev items: the gold answer after the task prompt.
+
+    Retrieval items give two: the true caption answered "Yes" and the first hard negative
+    answered "No" (training on "Yes" alone would teach the model to say Yes to everything).
+    """
+    examples = []
+    for item in items:
+        examples.append(Example(item, item.prompt, item.answer))
+        if item.task == "retrieval":
+            negatives = [p for i, p in enumerate(item.candidate_prompts) if i != item.positive]
+            if not negatives:
+                raise ValueError(f"retrieval item {item.record_index} has no negative candidate to train 'No' on")
+            examples.append(Example(item, negatives[0], "No"))
+    return examples
+
+
+def encode_examples(vlm: VLM, examples: Sequence[Example]) -> Encoded:
+    """Prompt + answer + end-of-turn, labels on exactly the answer and end-of-turn tokens."""
+    return vlm.encode([e.item.load_image() for e in examples], [e.prompt for e in examples],
+                      [e.answer for e in examples], with_stop=True)
+
+
+def answer_logprobs(vlm: VLM, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-distributions at the answer positions, under the caller's grad mode and plans.
+
+    Returns:
+        (`[batch, n, vocab]` float32 log-probabilities predicting each labelled token,
+        `[batch, n]` 0/1 mask of the labelled positions), n = the longest answer.
+    """
+    labels = encoded.labels
+    if labels is None:
+        raise ValueError("answer_logprobs needs a batch encoded with answers")
+    n = int((labels != -100).sum(-1).max())
+    logits = vlm.unembed(vlm.last_hidden(encoded.inputs)[:, -(n + 1):-1])
+    return torch.log_softmax(logits, dim=-1), (labels[:, -n:] != -100).float()
+
+
+# --------------------------------------------------------------------------- the scale vector
+
+
+def _layout(selection: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, neurons) int64 `[n]` of a selection, sorted by layer then neuron."""
+    pairs = sorted((int(layer), int(n)) for layer, neurons in selection.items() for n in neurons)
+    if not pairs:
+        raise ValueError("the selection is empty: there are no neurons to steer")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError("the selection lists a neuron twice")
+    layers, neurons = zip(*pairs)
+    return torch.tensor(layers, dtype=torch.int64), torch.tensor(neurons, dtype=torch.int64)
+
+
+def learned_plan(layers: torch.Tensor, neurons: torch.Tensor, scale: torch.Tensor) -> Plan:
+    """z_i <- z_i * (1 + scale_i) for each (layers_i, neurons_i); gradients flow to `scale` `[n]`."""
+    edits, start = [], 0
+    for layer in torch.unique_consecutive(layers).tolist():
+        count = int((layers == layer).sum())
+        edits.append(LearnedScale(layer, tuple(neurons[start:start + count].tolist()), scale[start:start + count]))
+        start += count
+    return Plan(neurons=tuple(edits))
+
+
+def scales_plan(scales: Scales) -> Plan:
+    """The plan that applies stored scales: z_i <- z_i * (1 + s_i)."""
+    return Plan(neurons=tuple(NeuronScale(layer, tuple(neurons), tuple(factors))
+                              for layer, (neurons, factors) in scales.multipliers().items()))
+
+
+def uniform_plan(selection: Mapping[int, Sequence[int]], factor: float) -> Plan:
+    return Plan.scale_neurons(dict(selection), factor)
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter `requires_grad=False` inside the block; the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@dataclass
+class LearnResult:
+    """Learned scales and how training went.
+
+    Attributes:
+        scales: the trained s per (layer, neuron), with the settings in `meta`.
+        history: "dev_ce" (mean answer-token CE on the dev examples before training and after
+            every epoch), "train_loss" (mean total loss per epoch), "steps" (optimiser steps).
+    """
+    scales: Scales
+    history: dict = field(default_factory=dict)
+
+
+def example_loss(vlm: VLM, encoded: Encoded, plan: Plan, scale: torch.Tensor, cfg: SteerConfig
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """CE + beta * KL(p_orig || p_scaled) + lam * mean(s^2) of one encoded batch (mean over answer tokens)."""
+    if cfg.beta > 0:
+        with torch.no_grad():   # the teacher: the same weights, scaling off
+            teacher, _ = answer_logprobs(vlm, encoded)
+    with intervene(vlm.arch, plan):
+        student, mask = answer_logprobs(vlm, encoded)
+    tokens = mask.sum()
+    targets = encoded.labels[:, -mask.shape[1]:].clamp(min=0)
+    ce = -(student.gather(-1, targets[..., None])[..., 0] * mask).sum() / tokens
+    loss = ce + cfg.lam * scale.pow(2).mean()
+    kl = torch.zeros(())
+    if cfg.beta > 0:
+        kl = ((teacher.exp() * (teacher - student)).sum(-1) * mask).sum() / tokens
+        loss = loss + cfg.beta * kl
+    return loss, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+
+
+@torch.inference_mode()
+def dev_ce(vlm: VLM, examples: Sequence[Example], plan: Plan | None, *, batch_size: int = 16) -> float:
+    """Mean (over examples) of the mean answer-token cross-entropy under `plan`."""
+    values = []
+    for start in range(0, len(examples), batch_size):
+        encoded = encode_examples(vlm, examples[start:start + batch_size])
+        with intervene(vlm.arch, plan if plan is not None else Plan()):
+            logp, mask = answer_logprobs(vlm, encoded)
+        targets = encoded.labels[:, -mask.shape[1]:].clamp(min=0)
+        token_logp = logp.gather(-1, targets[..., None])[..., 0] * mask
+        values.extend((-token_logp.sum(-1) / mask.sum(-1)).tolist())
+    return sum(values) / len(values)
+
+
+def _lr(cfg: SteerConfig, step: int, total: int) -> float:
+    """Cosine from cfg.lr at step 0 to min_lr_ratio * cfg.lr at the last step."""
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * step / max(1, total - 1)))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, key: str, epoch: int, scale: torch.Tensor, optimizer: torch.optim.Optimizer,
+                     history: dict) -> None:
+    state = optimizer.state_dict()["state"].get(0, {})
+    tensors = {"scale": scale.detach().clone()}
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name in state:
+            tensors[name] = state[name].detach().clone()
+    if "step" in state:
+        tensors["step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).clone()
+    metadata = {"key": key, "epoch": str(epoch), "history": json.dumps(history)}
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def _load_checkpoint(path: Path, key: str, scale: torch.Tensor, optimizer: torch.optim.Optimizer
+                     ) -> tuple[int, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("key") != key:
+            raise SteeringProgressError(
+                f"{path} is a checkpoint of a training run with other settings, data or neurons; "
+                f"rerun with those, or delete {path} to start this training over")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    with torch.no_grad():
+        scale.copy_(tensors["scale"])
+    if "step" in tensors:
+        state = optimizer.state_dict()
+        state["state"] = {0: {"step": tensors["step"].reshape(()), "exp_avg": tensors["exp_avg"],
+                              "exp_avg_sq": tensors["exp_avg_sq"]}}
+        optimizer.load_state_dict(state)
+    return int(metadata["epoch"]), json.loads(metadata["history"])
+
+
+def learn_scales(vlm: VLM, items: Sequence[TaskItem], selection: Mapping[int, Sequence[int]], *,
+                 cfg: SteerConfig = SteerConfig(), checkpoint: str | Path | None = None, batch_size: int = 16,
+                 meta: Mapping | None = None, progress: bool = True) -> LearnResult:
+    """Train one scale per selected neuron on `items` (the dev split), everything else frozen.
+
+    Args:
+        items: dev items of one task (retrieval: each gives a Yes and a No example).
+        selection: {layer: [neuron, ...]} to scale.
+        cfg: hyper-parameters (`SteerConfig`).
+        checkpoint: a file to save training state to at every epoch boundary; if it exists,
+            training continues from it (it must come from the same items, neurons and cfg).
+        batch_size: for the dev-loss passes (training itself uses batch 1).
+        meta: extra JSON-able fields stored in the returned `Scales.meta`.
+
+    Returns:
+        `LearnResult` with the scales and the dev-loss history.
+
+    Raises:
+        SteeringProgressError: `checkpoint` holds the state of a different training run.
+    """
+    if not items:
+        raise ValueError("no dev items to learn scales on")
+    examples = training_examples(items)
+    layers, neurons = _layout(selection)
+    scale = torch.zeros(len(layers), dtype=torch.float32, requires_grad=True)   # on CPU; hooks move it
+    optimizer = torch.optim.AdamW([scale], lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / cfg.accumulation)
+    total = cfg.epochs * steps_per_epoch
+    key = _digest({"cfg": asdict(cfg), "layers": layers.tolist(), "neurons": neurons.tolist(), "model": vlm.name,
+                   "examples": [(e.item.record_index, str(e.item.image_path), e.prompt, e.answer) for e in examples]})
+    start_epoch, history = 0, {"dev_ce": [], "train_loss": [], "steps": 0}
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        start_epoch, history = _load_checkpoint(path, key, scale, optimizer)
+    if not history["dev_ce"]:
+        history["dev_ce"].append(dev_ce(vlm, examples, None, batch_size=batch_size))
+    task = items[0].task
+    with frozen(vlm.model):
+        for epoch in range(start_epoch, cfg.epochs):
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            bar = tqdm(total=len(examples), desc=f"steer {task} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not progress, leave=False)
+            losses = []
+            for k in range(steps_per_epoch):
+                group = order[k * cfg.accumulation:(k + 1) * cfg.accumulation].tolist()
+                for index in group:
+                    plan = learned_plan(layers, neurons, scale)   # fresh views of s after every step
+                    loss, parts = example_loss(vlm, encode_examples(vlm, [examples[index]]), plan, scale, cfg)
+                    (loss / len(group)).backward()
+                    losses.append(float(loss.detach()))
+                    bar.update(1)
+                    bar.set_postfix(ce=f"{parts['ce']:.3f}", kl=f"{parts['kl']:.2g}")
+                torch.nn.utils.clip_grad_norm_([scale], cfg.grad_clip)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = _lr(cfg, epoch * steps_per_epoch + k, total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    scale.clamp_(-cfg.clamp, cfg.clamp)
+            bar.close()
+            history["steps"] += steps_per_epoch
+            history["train_loss"].append(sum(losses) / len(losses))
+            history["dev_ce"].append(dev_ce(vlm, examples, learned_plan(layers, neurons, scale.detach()),
+                                            batch_size=batch_size))
+            if path is not None:
+                _save_checkpoint(path, key, epoch + 1, scale, optimizer, history)
+    info = {**dict(meta or {}), **asdict(cfg), "task": task, "model": vlm.name, "dev_examples": len(examples),
+            "dev_ce": history["dev_ce"]}
+    return LearnResult(Scales(layers=layers, neurons=neurons, scale=scale.detach().clone(), meta=info), history)
+
+
+# --------------------------------------------------------------------------- running the methods
+
+
+def _result(method: str, evaluation, settings: dict) -> dict:
+    return {"method": method, "metric": evaluation.metric, "n": evaluation.n, "settings": settings}
+
+
+def grid_search(vlm: VLM, dev_items: Sequence[TaskItem], selection: Selection, *, factors: Sequence[float] = GRID,
+                batch_size: int = 16, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """The factor with the best dev metric (ties: closest to 1) and the dev metric of each factor."""
+    values = utilities(vlm, dev_items, [uniform_plan(selection, f) for f in factors], "metric",
+                       batch_size=batch_size, progress=progress)
+    by_factor = dict(zip(factors, values))
+    best = max(factors, key=lambda f: (by_factor[f], -abs(f - 1.0)))
+    return best, by_factor
+
+
+def _scale_stats(scale: torch.Tensor, clamp: float) -> dict:
+    return {"mean": float(scale.mean()), "min": float(scale.min()), "max": float(scale.max()),
+            "abs_mean": float(scale.abs().mean()), "at_clamp": int((scale.abs() >= clamp).sum())}
+
+
+def scales_file(method: str) -> str:
+    """Where a learned method's scales go inside `<out>/<task>/`: the main method's in the artifact's name."""
+    return rankings.SCALES_FILE if method == "learned" else f"scales-{method}.safetensors"
+
+
+def run_task(vlm: VLM, ranking: TaskRanking, dev_items: Sequence[TaskItem], test_items: Sequence[TaskItem],
+             methods: Sequence[str], out: str | Path, *, ratio: float = rankings.DEFAULT_RATIO,
+             cfg: SteerConfig = SteerConfig(), batch_size: int = 16, run_info: Mapping | None = None,
+             progress: bool = True) -> dict:
+    """Base and the chosen steering methods for one task; results in `<out>/<task>/results.json`.
+
+    Args:
+        ranking: the task's rankings (its HONES selection at `ratio` is what gets steered).
+        dev_items: where grid factors are chosen and scales learned.
+        test_items: where every method is reported.
+        methods: a subset of `METHODS` (base is always reported).
+        out: the output folder; `<out>/<task>/` gets results.json and the learned scales.
+        cfg: learned-scaling settings (`random` draws its neurons with `cfg.seed`).
+        run_info: JSON-able description of the inputs (files, limits, ...); part of the run's
+            fingerprint, so a rerun with other inputs is refused instead of mixing results.
+
+    Returns:
+        The results document (also written to results.json): "task", "metric_name", "neurons",
+        "results" {method: {"method", "metric", "n", "settings"}}, ...
+
+    Raises:
+        SteeringProgressError: `<out>/<task>` holds results of a run with other arguments.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown steering method(s) {unknown}; methods are {', '.join(METHODS)}")
+    task = ranking.task
+    for name, items in (("dev", dev_items), ("test", test_items)):
+        if not items:
+            raise ValueError(f"no {name} items for task {task!r}")
+        if any(item.task != task for item in items):
+            raise ValueError(f"{name} items are not all of task {task!r}")
+    shared = {str(i.image_path) for i in dev_items} & {str(i.image_path) for i in test_items}
+    if shared:
+        raise ValueError(f"dev and test share {len(shared)} image(s) (e.g. {sorted(shared)[0]}): steering is chosen "
+                         f"on dev and reported on test, so they must be disjoint — use separate splits")
+    selection = ranking.select("hones", ratio)
+    random_selection = ranking.select("random", ratio, seed=cfg.seed)
+    out = Path(out)
+    task_dir = out / task
+    results_path = task_dir / RESULTS_FILE
+    arguments = {"model": vlm.name, "revision": vlm.revision, "dtype": str(next(vlm.model.parameters()).dtype),
+                 "task": task, "ratio": ratio, "cfg": asdict(cfg), "grid": list(GRID),
+                 "selection": _digest(sorted((l, n) for l, ns in selection.items() for n in ns)),
+                 "dev": [str(i.image_path) for i in dev_items], "test": [str(i.image_path) for i in test_items],
+                 **dict(run_info or {})}
+    key = _digest(arguments)
+    if results_path.exists():
+        doc = json.loads(results_path.read_text())
+        if doc.get("fingerprint") != key:
+            raise SteeringProgressError(
+                f"{task_dir} holds steering results of a run with other arguments ({doc.get('arguments')}); rerun "
+                f"with those arguments to continue, or use another --out (or delete {task_dir}) to start over")
+    else:
+        doc = {"fingerprint": key, "arguments": {k: v for k, v in arguments.items() if k not in ("dev", "test")},
+               "task": task, "metric_name": METRIC_NAMES[task], "ratio": ratio,
+               "neurons": sum(len(v) for v in selection.values()), "n_dev": len(dev_items),
+               "n_test": len(test_items), "results": {}}
+    done = doc["results"]
+
+    def record(method: str, result: dict) -> None:
+        done[method] = result
+        atomic_write(results_path, (json.dumps(doc, indent=1) + "\n").encode())
+
+    if "base" not in done:
+        record("base", _result("base", evaluate(vlm, test_items, batch_size=batch_size, progress=progress), {}))
+    for method in (m for m in METHODS if m in methods and m not in done):
+        if method == "fixed":
+            plan = uniform_plan(selection, FIXED_FACTOR)
+            record(method, _result(method, evaluate(vlm, test_items, plans=plan, batch_size=batch_size,
+                                                    progress=progress), {"factor": FIXED_FACTOR}))
+        elif method == "grid":
+            best, by_factor = grid_search(vlm, dev_items, selection, batch_size=batch_size, progress=progress)
+            plan = uniform_plan(selection, best)
+            record(method, _result(method, evaluate(vlm, test_items, plans=plan, batch_size=batch_size,
+                                                    progress=progress),
+                                   {"factor": best, "dev_metric": {str(f): v for f, v in by_factor.items()}}))
+        else:
+            method_cfg = SteerConfig(**{**asdict(cfg), "beta": 0.0}) if method == "learned-nokl" else cfg
+            chosen = random_selection if method == "random" else selection
+            checkpoint = out / ".progress" / f"{task}-{method}.safetensors"
+            learned = learn_scales(vlm, dev_items, chosen, cfg=method_cfg, checkpoint=checkpoint,
+                                   batch_size=batch_size, progress=progress,
+                                   meta={"method": method, "selection": "random" if method == "random" else "hones",
+                                         "ratio": ratio})
+            file = rankings.write_scales(task_dir / scales_file(method), learned.scales)
+            evaluation = evaluate(vlm, test_items, plans=scales_plan(learned.scales), batch_size=batch_size,
+                                  progress=progress)
+            settings = {**asdict(method_cfg), "neurons": len(learned.scales),
+                        "selection": "random" if method == "random" else "hones", **learned.history,
+                        "scale": _scale_stats(learned.scales.scale, method_cfg.clamp),
+                        "scales_file": file.relative_to(out).as_posix()}
+            record(method, _result(method, evaluation, settings))
+            checkpoint.unlink(missing_ok=True)
+    return doc
+
+
+def results_table(docs: Sequence[Mapping]) -> str:
+    """A markdown table: one row per task, base and each method's test metric (delta to base)."""
+    order = ["base", *METHODS]
+    present = [m for m in order if any(m in d["results"] for d in docs)]
+    names = {"base": "base", "fixed": "Fixed-Amp x2", "grid": "Grid-Search", "learned": "learned",
+             "learned-nokl": "learned w/o KL", "random": "RandNeuron (learned)"}
+    lines = ["| task | metric | n | neurons | " + " | ".join(names[m] for m in present) + " |",
+             "|---|---|---|---|" + "---|" * len(present)]
+    for d in docs:
+        base = d["results"]["base"]["metric"]
+        cells = []
+        for m in present:
+            r = d["results"].get(m)
+            if r is None:
+                cells.append("—")
+            elif m == "base":
+                cells.append(f"{base:.3f}")
+            else:
+                extra = f", x{r['settings']['factor']}" if m == "grid" else ""
+                cells.append(f"{r['metric']:.3f} ({r['metric'] - base:+.3f}{extra})")
+        lines.append(f"| {d['task']} | {d['metric_name']} | {d['n_test']} | {d['neurons']} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) + "\n"
