@@ -88,3 +88,27 @@ def toy_items(toy_records):
     from hones_core.tasks import items_for_task
 
     return lambda task: items_for_task(task, toy_records, n_negatives=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def app_rankings(toy_vlm, toy_items, tmp_path_factory):
+    """A rankings artifact of the shipped toy VLM with all four tasks: the bundled one when present,
+    else computed here (logprob utility, 8 items per task, ~10 s), so the app tests never skip."""
+    bundled = ASSETS / "rankings" / "toy-vlm"
+    if (bundled / "manifest.json").is_file():
+        return bundled
+    from hones_core.pipeline import RankParams, rank
+
+    out = tmp_path_factory.mktemp("toy-rankings")
+    rank(toy_vlm, {task: toy_items(task)[:8] for task in ("vqa", "ocr", "caption", "retrieval")}, out,
+         data_file="discovery.json", params=RankParams(utility="logprob", limit=8), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_service(toy_vlm, app_rankings):
+    """The app's service on the shipped toy VLM."""
+    from hones_core import rankings
+    from hones_core.demo import DemoService
+
+    return DemoService(toy_vlm, rankings.load(app_rankings))

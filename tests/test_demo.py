@@ -1,0 +1,305 @@
+"""The app's service (`hones_core.demo`) in process, on the shipped toy VLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hones_core import rankings
+from hones_core.demo import (DemoConfigError, DemoInputError, DemoService, diff_words, open_image, read_examples,
+                             write_results)
+from hones_core.interventions import Plan
+from hones_core.tasks import TASKS, vqa_prompt
+from hones_core.toy.examples import write_examples
+
+from conftest import ASSETS
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    out = tmp_path_factory.mktemp("examples")
+    write_examples(out, seed=4242, per_task=2)
+    return read_examples(out)
+
+
+def _request(service, example, **overrides):
+    fields = dict(task=example["task"], image=example["image"], question=example.get("question"),
+                  bbox=example.get("bbox"), candidates=example.get("candidates"), gold=example.get("answer"),
+                  factor=0.0, budget_pct=2.0, method="hones")
+    fields.update(overrides)
+    return service.request(**fields)
+
+
+def test_examples_file_round_trips(tmp_path):
+    entries = write_examples(tmp_path, seed=7, per_task=2)
+    assert [e["task"] for e in entries] == ["vqa"] * 2 + ["ocr"] * 2 + ["caption"] * 2 + ["retrieval"] * 2
+    assert json.loads((tmp_path / "examples.json").read_text()) == entries
+    assert len({e["image"] for e in entries}) == len(entries)      # every example its own scene
+    read = read_examples(tmp_path)
+    for entry in read["retrieval"]:
+        assert entry["answer"] in entry["candidates"] and len(entry["candidates"]) == 5
+    assert all(len(read[t]) == 2 for t in TASKS)
+    assert write_examples(tmp_path / "again", seed=7, per_task=2) == entries     # deterministic
+
+
+def test_bundled_examples_are_readable():
+    read = read_examples(ASSETS / "examples")
+    assert all(read[t] for t in TASKS)
+
+
+def test_base_and_steered_rows_match_separate_generates(demo_service, examples):
+    """One batched generate (row 0 plain, row 1 steered) gives what two separate runs give."""
+    vlm = demo_service.vlm
+    for example in examples["vqa"] + examples["ocr"] + examples["caption"]:
+        request = _request(demo_service, example, gold=None)
+        computed = demo_service.compute(request)
+        plain = vlm.generate([request.image], [request.prompts[0]], max_new_tokens=24)[0]
+        steered = vlm.generate([request.image], [request.prompts[0]], max_new_tokens=24,
+                               plans=demo_service.plan(request))[0]
+        from hones_core.tasks import clean_answer
+        assert computed.base.answers == [clean_answer(plain, request.task)]
+        assert computed.steered.answers == [clean_answer(steered, request.task)]
+        assert not computed.base_cached
+
+
+def test_slider_only_change_runs_only_the_steered_row_from_cache(demo_service, examples):
+    example = examples["ocr"][0]
+    first = demo_service.run(_request(demo_service, example, factor=0.0))
+    calls = []
+    original = demo_service.compute
+
+    def spy(request, base=None):
+        calls.append(base is not None)
+        return original(request, base)
+
+    again = demo_service.run(_request(demo_service, example, factor=2.5), compute=spy)
+    assert calls == [True] and again.results["base_cached"]
+    assert again.results["base"] == first.results["base"]
+    # the cached base-plus-new-steered equals a fresh computation of the same request
+    fresh = demo_service.compute(_request(demo_service, example, factor=2.5))
+    assert again.results["steered"]["answer"] == fresh.steered.answers[0]
+
+
+def test_factor_one_is_the_identity_and_zero_masks(demo_service, examples):
+    changed = 0
+    for task in TASKS:
+        for example in examples[task]:
+            same = demo_service.compute(_request(demo_service, example, factor=1.0))
+            assert same.steered.answers == same.base.answers
+            assert same.steered.margins == same.base.margins
+            np.testing.assert_array_equal(same.steered.contributions, same.base.contributions)
+            masked = demo_service.compute(_request(demo_service, example, factor=0.0))
+            selection = demo_service.selection(task, "hones", 2.0)
+            for layer, neurons in selection.items():     # masked neurons contribute exactly nothing
+                assert np.all(masked.steered.contributions[layer, neurons] == 0)
+            changed += masked.steered.answers != masked.base.answers or masked.steered.margins != masked.base.margins
+    assert changed >= 1
+
+
+def test_retrieval_margins_match_next_token_logits(demo_service, examples):
+    example = examples["retrieval"][0]
+    request = _request(demo_service, example, factor=0.0)
+    computed = demo_service.compute(request)
+    yes, no = demo_service.vlm.yes_no_ids()
+    images = [request.image] * len(request.prompts)
+    base = demo_service.vlm.next_token_logits(images, list(request.prompts))
+    steered = demo_service.vlm.next_token_logits(images, list(request.prompts), plans=demo_service.plan(request))
+    assert computed.base.margins == pytest.approx((base[:, yes] - base[:, no]).tolist(), abs=1e-5)
+    assert computed.steered.margins == pytest.approx((steered[:, yes] - steered[:, no]).tolist(), abs=1e-5)
+    out = demo_service.run(request)
+    ranks = [row[0] for row in out.table]
+    assert ranks == sorted(ranks) == list(range(1, len(request.candidates) + 1))
+    assert [row[3] for row in out.table] == sorted([row[3] for row in out.table], reverse=True)
+    assert "NDCG@5" in out.summary
+
+
+def test_outputs_plots_results_and_metric(demo_service, examples, tmp_path):
+    example = examples["vqa"][0]
+    out = demo_service.run(_request(demo_service, example, factor=0.0))
+    assert set(out.plots) == {"heads", "layers", "contributions", "layer_sums", "overlap"}
+    for image, caption in out.plots.values():
+        assert image.size[0] > 100 and caption and "\n" not in caption
+    assert "VQA accuracy" in out.summary and "log-prob" in out.summary
+    results = json.loads(write_results(out.results, tmp_path).read_text())
+    assert results["task"] == "vqa" and results["factor"] == 0.0 and results["gold"] == example["answer"]
+    selected = {int(k): v for k, v in results["selected_neurons"].items()}
+    assert selected == demo_service.selection("vqa", "hones", 2.0)
+    # the gold log-probs are the teacher-forced ones of the two rows
+    request = _request(demo_service, example, factor=0.0)
+    vlm = demo_service.vlm
+    lp = vlm.answer_logprobs([request.image] * 2, [request.prompts[0]] * 2, [example["answer"]] * 2,
+                             plans=[Plan(), demo_service.plan(request)], reduction="mean")
+    assert results["base"]["gold_logprob"] == pytest.approx(float(lp[0]), abs=1e-5)
+    assert results["steered"]["gold_logprob"] == pytest.approx(float(lp[1]), abs=1e-5)
+
+
+def test_sweep_values_are_the_logprobs_at_each_factor(demo_service, examples):
+    example = examples["caption"][0]
+    request = _request(demo_service, example, factor=0.5)
+    image, caption, factors, values = demo_service.sweep(request)
+    assert factors[0] == 0.0 and 1.0 in factors and caption
+    vlm = demo_service.vlm
+    expected = [float(vlm.answer_logprobs([request.image], [request.prompts[0]], [example["answer"]],
+                                          plans=demo_service.plan(request, f), reduction="mean")[0])
+                for f in (0.0, 1.0, 3.0)]
+    got = [values[factors.index(f)] for f in (0.0, 1.0, 3.0)]
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_neuron_sets(demo_service, examples, app_rankings, tmp_path):
+    keys = [k for _, k in demo_service.methods("vqa")]
+    assert keys[0] == "hones" and "random" in keys and "learned" not in keys
+    hones, rand = demo_service.selection("vqa", "hones", 2.0), demo_service.selection("vqa", "random", 2.0)
+    assert {l: len(v) for l, v in hones.items()} == {l: len(v) for l, v in rand.items()} and hones != rand
+    # learned scales appear when the artifact has them, and scale z by (1 + s) * factor
+    artifact = rankings.load(app_rankings)
+    scales = rankings.Scales(layers=[0, 1], neurons=[3, 5], scale=[0.5, -1.0], meta={"method": "test"})
+    artifact.tasks["vqa"].scales = scales
+    service = DemoService(demo_service.vlm, artifact)
+    assert "learned" in [k for _, k in service.methods("vqa")]
+    request = _request(service, examples["vqa"][0], method="learned", factor=2.0)
+    plan = service.plan(request)
+    assert [(e.layer, e.neurons, e.factor) for e in plan.neurons] == [(0, (3,), (3.0,)), (1, (5,), (0.0,))]
+    assert service.run(request).results["neuron_set"] == "learned"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(task="nope"), "Unknown task"),
+    (dict(question=""), "question is empty"),
+    (dict(question="x" * 10_000), "10,000 characters"),
+    (dict(factor=float("nan")), "finite number"),
+    (dict(factor=3.5), "between 0 and 3"),
+    (dict(factor=-0.1), "between 0 and 3"),
+    (dict(factor="abc"), "must be a number"),
+    (dict(budget_pct=0), "above 0"),
+    (dict(budget_pct=100.5), "at most 100"),
+    (dict(budget_pct=float("inf")), "finite"),
+    (dict(method="magic"), "not available"),
+    (dict(image=None), "No image"),
+])
+def test_bad_inputs_raise_clear_errors(demo_service, examples, change, message):
+    with pytest.raises(DemoInputError, match=message):
+        _request(demo_service, examples["vqa"][0], **change)
+
+
+def test_retrieval_and_ocr_input_errors(demo_service, examples):
+    retrieval, ocr = examples["retrieval"][0], examples["ocr"][0]
+    with pytest.raises(DemoInputError, match="at least 2"):
+        _request(demo_service, retrieval, candidates="only one caption", gold=None)
+    with pytest.raises(DemoInputError, match="at least 2"):
+        _request(demo_service, retrieval, candidates="same\nsame\n  \n", gold=None)
+    with pytest.raises(DemoInputError, match="gold answer must be one of the candidates"):
+        _request(demo_service, retrieval, gold="not a candidate")
+    with pytest.raises(DemoInputError, match="four numbers"):
+        _request(demo_service, ocr, bbox="1, 2, three, 4")
+    with pytest.raises(DemoInputError, match="outside"):
+        _request(demo_service, ocr, bbox="500, 500, 10, 10")
+    drawn = _request(demo_service, ocr, bbox="10, 10, 30, 20").image
+    assert drawn.getpixel((10, 15)) == (0, 0, 255)          # the app draws the blue box
+
+
+def test_missing_task_is_refused_with_the_reason(toy_vlm, app_rankings, examples):
+    artifact = rankings.load(app_rankings)
+    del artifact.tasks["caption"]
+    service = DemoService(toy_vlm, artifact)
+    assert service.tasks == ["vqa", "ocr", "retrieval"] and "caption" in service.unavailable()
+    with pytest.raises(DemoInputError, match="not available: the rankings .* have no caption task"):
+        _request(service, examples["caption"][0])
+
+
+def test_mismatched_rankings_refuse_to_load(app_rankings, tmp_path):
+    """Rankings of a model with one more layer stop start-up with a message naming both sides."""
+    from dataclasses import replace
+
+    artifact = rankings.load(app_rankings)
+    grown = {task: rankings.TaskRanking(task, torch.cat([r.head_scores, r.head_scores[:1]]),
+                                        torch.cat([r.importance, r.importance[:1]]), r.top_heads)
+             for task, r in artifact.tasks.items()}
+    layers = artifact.model.num_layers
+    other = rankings.Rankings(model=replace(artifact.model, num_layers=layers + 1, id="bigger-model"), tasks=grown)
+    rankings.save(other, tmp_path / "other")
+    with pytest.raises(DemoConfigError, match=f"made for {layers + 1} layers \\(bigger-model\\).*has {layers}"):
+        DemoService.load(str(ASSETS / "toy-vlm"), str(tmp_path / "other"), device="cpu")
+    with pytest.raises(DemoConfigError, match="HONES_RANKINGS=.*no rankings folder"):
+        DemoService.load(str(ASSETS / "toy-vlm"), str(tmp_path / "nowhere" / "x" / "y"), device="cpu")
+
+
+# ----- images ---------------------------------------------------------------------------------
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims width x height, with a tiny (invalid) body: a decompression bomb's signature."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_checks(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGBA", (64, 48), (10, 20, 30, 0)).save(good)
+    image, notes = open_image(str(good))
+    assert image.mode == "RGB" and image.size == (64, 48) and notes == []
+    assert image.getpixel((0, 0)) == (255, 255, 255)      # transparent -> white, not black
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DemoInputError, match="not an image"):
+        open_image(str(text))
+    truncated = tmp_path / "truncated.png"
+    Image.effect_noise((200, 200), 50).convert("RGB").save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(DemoInputError, match="damaged or truncated"):
+        open_image(str(truncated))
+    with pytest.raises(DemoInputError, match="too large|megapixels"):
+        open_image(str(_png_header_only(tmp_path / "bomb.png", 20000, 20000)))
+    with pytest.raises(DemoInputError, match="megapixels"):
+        open_image(str(_png_header_only(tmp_path / "big.png", 9000, 9000)))
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    with pytest.raises(DemoInputError, match="only 1×1 px"):
+        open_image(str(tiny))
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 20)).save(thin)
+    with pytest.raises(DemoInputError, match="elongated"):
+        open_image(str(thin))
+    large = tmp_path / "large.png"
+    Image.new("RGB", (3000, 1500), (1, 2, 3)).save(large)
+    image, notes = open_image(str(large))
+    assert image.size == (2048, 1024) and "downscaled" in notes[0]
+    with pytest.raises(DemoInputError, match="No image"):
+        open_image(None)
+
+
+def test_diff_words_marks_only_the_differences():
+    left, right = diff_words("a red circle", "a blue circle")
+    assert left == [("a ", None), ("red ", "removed"), ("circle ", None)]
+    assert right == [("a ", None), ("blue ", "added"), ("circle ", None)]
+    same_left, same_right = diff_words("yes", "yes")
+    assert same_left == same_right == [("yes ", None)]
+
+
+def test_concurrent_requests_match_sequential(demo_service, examples):
+    """16 requests with different tasks and factors in threads give their sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(examples[t][i % 2], f) for i, (t, f) in enumerate(
+        (t, f) for t in TASKS for f in (0.0, 0.5, 2.0, 3.0))]
+    assert len(cases) == 16
+    requests = [_request(demo_service, e, factor=f) for e, f in cases]
+    sequential = [demo_service.compute(r) for r in requests]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(demo_service.compute, requests))
+    for s, p in zip(sequential, parallel):
+        assert s.base.answers == p.base.answers and s.steered.answers == p.steered.answers
+        assert s.base.margins == pytest.approx(p.base.margins, abs=1e-5)
+        assert s.steered.margins == pytest.approx(p.steered.margins, abs=1e-5)
+        assert math.isclose(float(np.abs(s.steered.contributions - p.steered.contributions).max()), 0, abs_tol=1e-5)
