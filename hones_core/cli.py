@@ -185,6 +185,22 @@ def cmd_toy_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary), flush=True)
 
 
+def cmd_toy_examples(args: argparse.Namespace) -> None:
+    from .toy.examples import write_examples
+
+    entries = write_examples(args.out, seed=args.seed, per_task=args.per_task)
+    print(json.dumps({"out": args.out, "examples": len(entries)}), flush=True)
+
+
+def cmd_bench_app(args: argparse.Namespace) -> dict:
+    from .bench_app import bench_app
+
+    result = bench_app(toy_model=args.model, toy_rankings=args.rankings, repeats=args.repeats,
+                       big_repeats=args.big_repeats, big=not args.no_big)
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hones_core", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hones_core {__version__}")
@@ -281,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.set_defaults(func=cmd_toy_train)
+
+    p = sub.add_parser("toy-examples", help="write the app's examples gallery (examples.json + PNGs)")
+    p.add_argument("--out", required=True, help="folder, e.g. assets/examples")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--per-task", type=int, default=3)
+    p.set_defaults(func=cmd_toy_examples)
+
+    p = sub.add_parser("bench-app", help="cost of a side-by-side request and of a slider-only change vs one generate")
+    p.add_argument("--model", default=None, help="toy model directory (default: assets/toy-vlm)")
+    p.add_argument("--rankings", default=None,
+                   help="rankings for it (default: assets/rankings/toy-vlm when present, else random scores)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement on the toy VLM")
+    p.add_argument("--big-repeats", type=int, default=3, help="timed runs per measurement on the 200M LLaVA")
+    p.add_argument("--no-big", action="store_true", help="skip the random ~200M-parameter LLaVA")
+    p.set_defaults(func=cmd_bench_app)
     return parser
 
 
