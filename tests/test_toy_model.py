@@ -71,3 +71,47 @@ def test_training_a_few_steps_lowers_the_loss(tmp_path):
     assert summary["last_loss"] < 0.7 * summary["first_loss"]
     reloaded = load_vlm(tmp_path / "model", device="cpu")
     assert reloaded.arch.num_layers == 1
+
+
+def test_training_examples_ask_fresh_questions_about_the_recorded_scene(tmp_path):
+    from hones_core.models import VLM, load_image
+    from hones_core.toy.model import build_toy_vlm
+    from hones_core.toy.train import Encoder, _examples, _scenes
+
+    world.write_world(tmp_path / "w", seed=6, n_discovery=1, n_dev=1, n_test=1, n_train=20, image_size=96,
+                      progress=False)
+    records = read_records(tmp_path / "w" / "train.json")
+    scenes = _scenes(tmp_path / "w" / "train.json")
+    tiny = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
+    vlm = VLM(*build_toy_vlm(world.vocabulary(), config=tiny), name="tiny")
+    encoder = Encoder(vlm, load_image(records[0].image_path))
+    index = {r.index: i for i, r in enumerate(records)}
+
+    def possible(scene):
+        """Every (question, answer) the world can ask about `scene`, lowercased like the tokenizer."""
+        out = set()
+        for qtype, target in world._vqa_options(scene):
+            for template in world.VQA_TEMPLATES[qtype]:
+                if qtype == "count":
+                    out.add((template.lower(), str(len(scene.objects))))
+                else:
+                    question = template.format(color=target.color, shape=target.shape)
+                    answer = {"color": target.color, "shape": target.shape, "position": target.position}[qtype]
+                    out.add((question.lower(), answer))
+        return out
+
+    def vqa_pairs(seed):
+        examples = _examples(records, encoder, index, seed=seed, n_negatives=3, scenes=scenes, vqa_per_image=2)
+        pairs = []
+        for e in (e for e in examples if e.task == "vqa"):
+            text = vlm.tokenizer.decode(e.input_ids)
+            question = text.split("question: ")[1].split(" answer the question")[0].strip()
+            answer = vlm.tokenizer.decode(e.input_ids[-e.n_labels:-1]).strip()
+            pairs.append((e.image, question, answer))
+        return pairs
+
+    first, second = vqa_pairs(0), vqa_pairs(1)
+    assert len(first) == 2 * len(records)
+    assert first != second                      # new questions each epoch
+    for image, question, answer in first + second:
+        assert (question, answer) in possible(scenes[records[image].index]), (question, answer)

@@ -127,6 +127,33 @@ def test_scenes_are_well_formed():
             assert row * cell <= y and y + h <= (row + 1) * cell
 
 
+def test_shapes_are_centred_and_word_boxes_sit_on_the_token_grid():
+    """The alignment rule the toy VLM's reading and shape recognition rely on (see world.py)."""
+    grid = SIZE // 3
+    corners = set()
+    for scene in _scenes(300):
+        for o in scene.objects:
+            col, row = POSITION_CELLS[o.position]
+            x, y, w, h = o.box
+            assert abs(x + w / 2 - (col + 0.5) * grid) <= 1 and abs(y + h / 2 - (row + 0.5) * grid) <= 1
+        if scene.word_box is not None:
+            x, y, w, h = scene.word_box
+            assert x % grid == 0 and y % grid == 0 and x + w <= SIZE and y + h <= SIZE
+            corners.add((x, y))
+    assert len(corners) >= 5   # the box still moves around
+
+
+def test_scene_from_record_gives_back_what_annotate_described():
+    rng = random.Random(3)
+    for i, scene in enumerate(_scenes(40, seed=4)):
+        record = json.loads(json.dumps(annotate(scene, rng, image_id=i, file_name=f"{i}.png")))
+        again = world.scene_from_record(record)
+        assert again.objects == scene.objects and again.word == scene.word and again.word_box == scene.word_box
+        assert world.captions(again) == [c["caption"] for c in record["captions"]]
+    with pytest.raises(KeyError, match="no 'scene' key"):
+        world.scene_from_record({"image_id": 7, "image_info": {"file_name": "x.png"}})
+
+
 def test_vqa_answers_match_the_scene():
     rng = random.Random(7)
     seen = set()

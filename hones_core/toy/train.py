@@ -1,8 +1,10 @@
 """Teacher-forced multi-task training of the toy VLM on the synthetic world.
 
-Every training image gives up to five examples per epoch: its VQA question, its OCR word
-(when it has one), its canonical caption (the first reference; for a seeded half of the
-images each epoch, since captions are long and learned first), and one retrieval
+Every training image gives up to six examples per epoch: `vqa_per_image` VQA questions
+(drawn afresh each epoch from the scene the world generator recorded, so the model sees
+every question type about every image over the epochs, not the one question stored in the
+split), its OCR word (when it has one), its canonical caption (the first reference; for a
+seeded fraction of the images each epoch, since captions are long and learned first), and one retrieval
 question, with even odds either a caption of its own ("Yes") or a hard negative mined by
 word overlap from other images ("No"). The loss is cross-entropy on the answer tokens and
 the end-of-turn token, exactly the tokens `VLM.encode(..., with_stop=True)` labels.
@@ -42,7 +44,13 @@ class TrainConfig:
     seed: int = 0
     n_negatives: int = 9
     caption_fraction: float = 0.5   # captions are the longest, and learned first: caption half the images
-    ocr_repeats: int = 2            # reading is learned last: show each OCR example this many times an epoch
+    ocr_repeats: int = 1            # show each OCR example this many times an epoch
+    vqa_per_image: int = 2          # fresh questions per image and epoch (when the split records scenes)
+    # Stage 1: the first `focus_steps` steps train on these tasks only. Reading a word makes the
+    # text model look at the image and the vision tower learn local patterns within ~200 steps;
+    # mixed from the start, the model sits on the answer priors for well over 1000 steps.
+    focus_tasks: tuple[str, ...] = ("ocr",)
+    focus_steps: int = 500
     threads: int = 2
 
 
@@ -83,7 +91,8 @@ class Encoder:
 
 
 def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *, seed: int,
-              n_negatives: int, caption_fraction: float = 1.0, ocr_repeats: int = 1) -> list[Example]:
+              n_negatives: int, caption_fraction: float = 1.0, ocr_repeats: int = 1,
+              scenes: list[world.Scene] | None = None, vqa_per_image: int = 1) -> list[Example]:
     rng = random.Random(seed)
     out: list[Example] = []
 
@@ -92,7 +101,11 @@ def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *
         out.append(Example(image_index[record.index], task, ids, n))
 
     for record in records:
-        if record.question:
+        if scenes is not None:
+            for _ in range(vqa_per_image):
+                vqa = world.make_vqa(scenes[record.index], rng, question_id=0)
+                add(record, "vqa", tasks.vqa_prompt(vqa["question"]), vqa["answer"])
+        elif record.question:
             add(record, "vqa", tasks.vqa_prompt(record.question), record.answer)
         if record.ocr_text:
             for _ in range(ocr_repeats):
@@ -111,6 +124,15 @@ def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *
     return out
 
 
+def _scenes(data_file: Path) -> list[world.Scene] | None:
+    """The scenes a toy-world split recorded, one per record; None for other data (VQA then
+    uses each record's own question)."""
+    if data_file.suffix != ".json":
+        return None
+    raw = json.loads(data_file.read_text())["data"]
+    return [world.scene_from_record(r) for r in raw] if all("scene" in r for r in raw) else None
+
+
 def _collate(batch: list[Example], pixels: torch.Tensor, pad_id: int) -> dict:
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -124,6 +146,22 @@ def _collate(batch: list[Example], pixels: torch.Tensor, pad_id: int) -> dict:
     # one image (one tile: no splitting) per row: [batch, 1, channels, height, width]
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels[[e.image for e in batch]][:, None],
             "labels": labels}
+
+
+def example_mean_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy averaged over each example's labelled tokens, then over examples.
+
+    The usual token mean lets a 20-token caption outweigh a 2-token VQA or OCR answer ten to
+    one; with it the short-answer tasks (the ones that need the image most) barely train.
+    """
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0),
+                                               reduction="none")
+    per_example = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return per_example.mean()
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -144,6 +182,7 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     records = data.read_records(data_file, images_dir)
+    scenes = _scenes(Path(data_file))
     words = set(world.vocabulary())
     model, processor = build_toy_vlm(words, config=model_config, seed=cfg.seed)
     vlm = VLM(model, processor, name="toy-vlm")
@@ -156,10 +195,27 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
                                   return_tensors="pt")["pixel_values"][:, 0]
         for i in range(0, len(records), 256)])
 
-    first_epoch = _examples(records, encoder, image_index, seed=cfg.seed, n_negatives=cfg.n_negatives,
-                            caption_fraction=cfg.caption_fraction, ocr_repeats=cfg.ocr_repeats)
+    def epoch_examples(epoch: int) -> list[Example]:
+        return _examples(records, encoder, image_index, seed=cfg.seed + epoch, n_negatives=cfg.n_negatives,
+                         caption_fraction=cfg.caption_fraction, ocr_repeats=cfg.ocr_repeats, scenes=scenes,
+                         vqa_per_image=cfg.vqa_per_image)
+
+    first_epoch = epoch_examples(0)
+    focus = [e for e in first_epoch if e.task in cfg.focus_tasks]
+    focus_steps = cfg.focus_steps if focus else 0
+
+    def batches():
+        rng = random.Random(cfg.seed)
+        for step in range(focus_steps):
+            yield "focus", rng.sample(focus, min(cfg.batch_size, len(focus)))
+        for epoch in range(cfg.epochs):
+            examples = first_epoch if epoch == 0 else epoch_examples(epoch)
+            for start in range(0, len(examples), cfg.batch_size):
+                yield epoch, examples[start:start + cfg.batch_size]
+
     steps_per_epoch = math.ceil(len(first_epoch) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * cfg.epochs)
+    total = focus_steps + steps_per_epoch * cfg.epochs
+    total = total if max_steps is None else min(max_steps, total)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -169,25 +225,21 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
     started = time.time()
     step = 0
     bar = tqdm(total=total, desc="toy-train", disable=not progress)
-    for epoch in range(cfg.epochs):
-        examples = first_epoch if epoch == 0 else _examples(records, encoder, image_index, seed=cfg.seed + epoch,
-                                                            n_negatives=cfg.n_negatives,
-                                                            caption_fraction=cfg.caption_fraction, ocr_repeats=cfg.ocr_repeats)
-        for start in range(0, len(examples), cfg.batch_size):
-            if step >= total:
-                break
-            batch = _collate(examples[start:start + cfg.batch_size], pixels, vlm.tokenizer.pad_token_id)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    for epoch, chunk in batches():
+        if step >= total:
+            break
+        batch = _collate(chunk, pixels, vlm.tokenizer.pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, cfg)
+        loss = example_mean_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
     model.eval()
     save(model, processor, out)
