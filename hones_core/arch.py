@@ -1,11 +1,12 @@
 """Where things live inside each supported vision-language model family.
 
 Every family difference is one row of `FAMILIES`: the dotted path from the top-level
-model to the text decoder layers, and whether its processor wants one list of images per
-prompt. Inside a decoder layer all supported families agree (`self_attn.o_proj`,
-`mlp.gate_proj/up_proj/down_proj/act_fn`), and so do the unembedding (`lm_head`) and
-the text config (`config.get_text_config()`). A model of any other family gets
-`UnsupportedModelError`, never a guess.
+model to the text decoder layers, the path to the vision tower (when its input is one
+image or tile per batch row, so rows with the same image can share it), and whether its
+processor wants one list of images per prompt. Inside a decoder layer all supported
+families agree (`self_attn.o_proj`, `mlp.gate_proj/up_proj/down_proj/act_fn`), and so do
+the unembedding (`lm_head`) and the text config (`config.get_text_config()`). A model of
+any other family gets `UnsupportedModelError`, never a guess.
 """
 
 from __future__ import annotations
@@ -26,20 +27,25 @@ class Family:
     model_type: str           # `config.model_type` of the top-level model
     layers: str               # dotted path from the top-level model to the decoder layers
     examples: str             # public checkpoints of this family, for messages and docs
+    # dotted path to the vision tower, when it takes `[images_or_tiles, ...]` pixels (one image or
+    # tile per row of dim 0) and returns batch-first outputs; None: not shared (see `models.share_images`)
+    vision: str | None = None
     nested_images: bool = False   # processor wants `[[img], [img], ...]`
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava", "llava", "model.language_model.layers",
-           "llava-hf/llava-1.5-7b-hf, llava-hf/llava-interleave-qwen-0.5b-hf"),
+           "llava-hf/llava-1.5-7b-hf, llava-hf/llava-interleave-qwen-0.5b-hf", vision="model.vision_tower"),
     Family("llava-onevision", "llava_onevision", "model.language_model.layers",
-           "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
-    Family("qwen2-vl", "qwen2_vl", "model.language_model.layers", "Qwen/Qwen2-VL-2B-Instruct"),
-    Family("qwen2.5-vl", "qwen2_5_vl", "model.language_model.layers", "Qwen/Qwen2.5-VL-3B-Instruct"),
+           "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", vision="model.vision_tower"),
+    # Qwen2-VL / Qwen2.5-VL: `model.visual` takes the flattened patches of ALL images concatenated
+    # (`[sum of patches, C*T*P*P]`) plus `grid_thw`, not one image per row, so it is left unshared.
+    Family("qwen2-vl", "qwen2_vl", "model.language_model.layers", "Qwen/Qwen2-VL-2B-Instruct", vision=None),
+    Family("qwen2.5-vl", "qwen2_5_vl", "model.language_model.layers", "Qwen/Qwen2.5-VL-3B-Instruct", vision=None),
     Family("idefics3", "idefics3", "model.text_model.layers", "HuggingFaceM4/Idefics3-8B-Llama3",
-           nested_images=True),
+           vision="model.vision_model", nested_images=True),
     Family("smolvlm", "smolvlm", "model.text_model.layers", "HuggingFaceTB/SmolVLM-256M-Instruct",
-           nested_images=True),
+           vision="model.vision_model", nested_images=True),
 )}
 
 # Paths inside one decoder layer, shared by every family above.
@@ -83,6 +89,7 @@ class Architecture:
         num_heads, head_dim: query heads per layer and their width.
         intermediate_size: FFN neurons per layer.
         lm_head: the unembedding, weight `[vocab, hidden]`.
+        vision_tower: the family's batch-first vision tower, or None where it is not one (Qwen-VL).
         base_model: the model without `lm_head`; its output is the last hidden state.
     """
 
@@ -106,6 +113,7 @@ class Architecture:
             for i, layer in enumerate(decoder_layers)
         ]
         self.lm_head = _get(model, "lm_head", "the unembedding")
+        self.vision_tower = _get(model, self.family.vision, "the vision tower") if self.family.vision else None
         self.base_model = _get(model, "model", "the base model (vision tower + text decoder, no lm_head)")
         self._check_shapes()
 

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .interventions import Plan, intervene
-from .models import VLM
+from .models import VLM, share_images
 from .tasks import TaskItem
 
 
@@ -182,7 +182,7 @@ def item_contributions(vlm: VLM, image, prompt: str, target_tokens: dict[int, fl
     direction = (w[:, None] * unembedding[ids]).sum(0)
     direction = direction / direction.norm().clamp_min(1e-12)
     inputs = vlm.encode([image] * len(plans), [prompt] * len(plans)).inputs
-    with intervene(arch, list(plans), capture="last") as capture:
+    with intervene(arch, list(plans), capture="last") as capture, share_images(arch):   # one image, many rows
         vlm.last_hidden(inputs)
     out = []
     for layer in range(arch.num_layers):

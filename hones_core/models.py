@@ -10,20 +10,31 @@ How an answer follows a prompt is read off the chat template itself: the templat
 rendered once with a placeholder assistant answer, which gives the separator between the
 generation prompt and the answer (" " for LLaVA-1.5, "" for Qwen) and the end-of-turn
 token. Teacher forcing therefore scores exactly the tokens generation would produce.
+
+Rows that carry the same image share the vision tower: inside `share_images(arch)` the
+tower runs once per distinct image (or tile) and duplicate rows get copies of its outputs.
+`VLM.generate`, `next_token_logits` and `answer_logprobs` always run inside it, so base and
+steered rows of one picture (the app), or retrieval candidates of one picture, pay for the
+vision tower once. Duplicates are found with `torch.equal` on every per-row input of the
+tower, never assumed; the rows actually run are exactly those of an unshared run, minus the
+repeats, so every row's result is the one it gets alone (see `share_images`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import warnings
-from collections.abc import Sequence
-from contextlib import nullcontext
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .arch import Architecture
+from .arch import Architecture, UnsupportedModelError
 from .interventions import Plan, intervene
 
 ImageLike = Image.Image | str | Path
@@ -104,6 +115,142 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
         ) from err
     model.to(device).eval()
     return VLM(model, processor, name=source, revision=revision)
+
+
+# ----- sharing the vision tower between rows with the same image ------------------------------------
+
+_SHARING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("hones_shared_towers", default=frozenset())
+
+
+class _TowerSharing:
+    """The two hooks on one vision tower, installed while at least one `share_images` block is open.
+
+    The pre-hook keeps the first of each group of equal rows and remembers, per thread, which
+    kept row each input row maps to; the forward hook copies the outputs back to every row.
+    Towers are not re-entrant, so one pending mapping per thread suffices.
+    """
+
+    def __init__(self, tower: torch.nn.Module):
+        self.tower = tower
+        self.users = 0
+        self.handles: list = []
+        self.pending = threading.local()
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            self.handles = [self.tower.register_forward_pre_hook(self._before, with_kwargs=True),
+                            self.tower.register_forward_hook(self._after)]
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for handle in self.handles:
+                handle.remove()
+            self.handles.clear()
+
+    def _before(self, module, args, kwargs):
+        self.pending.inverse = None
+        if id(module) not in _SHARING.get():
+            return None
+        if args and torch.is_tensor(args[0]):
+            rows = args[0].shape[0]
+        elif torch.is_tensor(kwargs.get("pixel_values")):
+            rows = kwargs["pixel_values"].shape[0]
+        else:
+            raise UnsupportedModelError(f"{type(module).__name__} was called without a pixel tensor (positional or "
+                                        "pixel_values=); cannot tell which rows carry the same image")
+        per_row = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+        for value in per_row:
+            if value.dim() == 0 or value.shape[0] != rows:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} got a tensor input of shape {tuple(value.shape)} next to {rows} image "
+                    "rows; only towers whose tensor inputs are all one row per image can be shared")
+        keep, inverse = _distinct_rows(per_row, rows)
+        if len(keep) == rows:
+            return None
+        index = torch.tensor(keep, device=per_row[0].device)
+        take = lambda v: v.index_select(0, index) if torch.is_tensor(v) else v   # noqa: E731
+        self.pending.inverse = (torch.tensor(inverse), len(keep))
+        return tuple(take(v) for v in args), {k: take(v) for k, v in kwargs.items()}
+
+    def _after(self, module, args, output):
+        pending, self.pending.inverse = getattr(self.pending, "inverse", None), None
+        if pending is None:
+            return None
+        inverse, kept = pending
+        return _spread(output, inverse, kept, type(module).__name__)
+
+
+def _distinct_rows(tensors: list[torch.Tensor], rows: int) -> tuple[list[int], list[int]]:
+    """Rows to run (the first of each group of exactly equal rows) and, per row, its index among them."""
+    keep: list[int] = []
+    inverse: list[int] = []
+    for row in range(rows):
+        for j, kept in enumerate(keep):
+            if all(torch.equal(t[row], t[kept]) for t in tensors):
+                inverse.append(j)
+                break
+        else:
+            inverse.append(len(keep))
+            keep.append(row)
+    return keep, inverse
+
+
+def _spread(value, inverse: torch.Tensor, kept: int, tower: str):
+    """Copy every batch-first tensor in a tower's output from the kept rows back to all rows."""
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        if value.dim() == 0 or value.shape[0] != kept:
+            raise UnsupportedModelError(f"{tower} returned a tensor of shape {tuple(value.shape)} for {kept} image "
+                                        "rows; only batch-first outputs can be shared between rows")
+        return value.index_select(0, inverse.to(value.device))
+    if isinstance(value, dict):      # ModelOutput included: assigning a key updates its attribute too
+        for key in list(value.keys()):
+            value[key] = _spread(value[key], inverse, kept, tower)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_spread(v, inverse, kept, tower) for v in value)
+    raise UnsupportedModelError(f"{tower} returned a {type(value).__name__}; cannot share it between rows")
+
+
+_TOWERS: "weakref.WeakKeyDictionary[torch.nn.Module, _TowerSharing]" = weakref.WeakKeyDictionary()
+_TOWERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def share_images(arch: Architecture) -> Iterator[None]:
+    """Inside the block, the vision tower runs once per distinct image (or tile) of a batch.
+
+    Rows are duplicates when every tensor input of the tower (pixels `[rows, C, H, W]`, and
+    for Idefics3/SmolVLM the patch mask) is `torch.equal` row by row. Only distinct rows run;
+    their outputs (every hidden state) are copied to the duplicates, and a batch of distinct
+    images runs unchanged. A shared row's features are therefore those of the tower run on
+    fewer rows: bit-identical to the unshared batch wherever the tower's kernels do not depend
+    on the row count (CPU float32 here, tested), and the same shapes as a single-image run. The
+    text decoder is untouched (interventions act there only), so any per-row plans still apply.
+    Families whose tower is not batch-first (Qwen2-VL, Qwen2.5-VL) run unshared.
+
+    Thread-safe like `interventions.intervene`: the hooks are installed once per tower while
+    any block is open, and act only for the threads/tasks inside a block.
+    """
+    tower = arch.vision_tower
+    if tower is None:
+        yield
+        return
+    with _TOWERS_LOCK:
+        sharing = _TOWERS.get(tower)
+        if sharing is None:
+            sharing = _TOWERS[tower] = _TowerSharing(tower)
+        sharing.acquire()
+    token = _SHARING.set(_SHARING.get() | {id(tower)})
+    try:
+        yield
+    finally:
+        _SHARING.reset(token)
+        with _TOWERS_LOCK:
+            sharing.release()
 
 
 class VLM:
@@ -212,7 +359,7 @@ class VLM:
                  plans: Plans = None) -> list[str]:
         """Greedy answers, one per (image, prompt), special tokens removed and stripped."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans):
+        with self._context(self.arch, plans), share_images(self.arch):
             out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -227,7 +374,7 @@ class VLM:
                           plans: Plans = None) -> torch.Tensor:
         """Logits of the first answer token, `[batch, vocab]` float32."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans):
+        with self._context(self.arch, plans), share_images(self.arch):
             hidden = self.last_hidden(inputs)
         return self.unembed(hidden[:, -1:, :])[:, 0, :]
 
@@ -250,7 +397,7 @@ class VLM:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
         encoded = self.encode(images, prompts, answers)
-        with torch.inference_mode(), self._context(self.arch, plans):
+        with torch.inference_mode(), self._context(self.arch, plans), share_images(self.arch):
             token_logp, mask = self.token_logprobs(encoded)
         total = (token_logp * mask).sum(-1)
         return total if reduction == "sum" else total / mask.sum(-1)

@@ -49,3 +49,16 @@ def test_shape_mismatch_between_config_and_modules_is_refused(tiny_dir):
     model.model.language_model.layers[0].self_attn.o_proj = torch.nn.Linear(48, 64, bias=False)
     with pytest.raises(UnsupportedModelError, match="o_proj takes 48 features"):
         Architecture(model)
+
+
+def test_vision_tower_is_found_where_the_table_says(family, tiny_vlm):
+    vlm = tiny_vlm(family)
+    tower = vlm.arch.vision_tower
+    if family.startswith("qwen"):       # flattened patches of all images: not batch-first, left unshared
+        assert tower is None and vlm.arch.family.vision is None
+        return
+    expected = vlm.model.model.vision_model if family == "idefics3" else vlm.model.model.vision_tower
+    assert tower is expected
+    assert all(p.data_ptr() != q.data_ptr() for p in tower.parameters() for l in vlm.arch.layers
+               for q in (l.o_proj.weight, l.down_proj.weight))
+    assert {f.vision for f in FAMILIES.values()} == {"model.vision_tower", "model.vision_model", None}

@@ -303,3 +303,28 @@ def test_concurrent_requests_match_sequential(demo_service, examples):
         assert s.base.margins == pytest.approx(p.base.margins, abs=1e-5)
         assert s.steered.margins == pytest.approx(p.steered.margins, abs=1e-5)
         assert math.isclose(float(np.abs(s.steered.contributions - p.steered.contributions).max()), 0, abs_tol=1e-5)
+
+
+def test_rows_of_one_request_share_the_vision_tower(demo_service, examples):
+    """compute (generation and retrieval), the gold log-prob and the sweep run the tower on one image only."""
+    vlm = demo_service.vlm
+    embeddings = next(m for name, m in vlm.arch.vision_tower.named_modules() if name.endswith("embeddings"))
+    seen: list[int] = []
+    handle = embeddings.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    try:
+        for task in ("vqa", "retrieval"):
+            request = _request(demo_service, examples[task][0], factor=0.0)
+            seen.clear()
+            vlm.next_token_logits([request.image], [request.prompts[0]])
+            one_image = list(seen)
+            seen.clear()
+            computed = demo_service.compute(request)
+            rows = len(request.prompts) * 2
+            # generation: generate + gold log-probs; retrieval: one forward pass over candidates x (base, steered)
+            assert seen == one_image * (2 if task != "retrieval" and request.gold else 1), (task, rows, seen)
+            seen.clear()
+            demo_service.compute_sweep(request, computed.base)
+            assert seen == one_image
+    finally:
+        handle.remove()
