@@ -17,9 +17,9 @@ from hones_core.toy.train import TrainConfig, train
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY = ASSETS / "toy-vlm"
 # Regression floors for the shipped model on a 48-image fresh split (sampling noise included).
-# They are NOT the quality bar (VQA 0.90, ANLS 0.85, BLEU-4 0.40, NDCG@5 0.90), which the
-# shipped model does not reach yet; see the README's toy-model table for the measured values.
-FLOOR = {"vqa": 0.45, "ocr": 0.05, "caption": 0.50, "retrieval": 0.45}
+# They are NOT the quality bar (VQA 0.90, ANLS 0.85, BLEU-4 0.40, NDCG@5 0.90): the shipped
+# model reaches it for OCR and captions only; see the README's toy-model table for measured values.
+FLOOR = {"vqa": 0.40, "ocr": 0.90, "caption": 0.55, "retrieval": 0.45}
 
 
 @pytest.fixture(scope="module")

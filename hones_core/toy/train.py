@@ -51,6 +51,9 @@ class TrainConfig:
     # mixed from the start, the model sits on the answer priors for well over 1000 steps.
     focus_tasks: tuple[str, ...] = ("ocr",)
     focus_steps: int = 500
+    # "token": mean cross-entropy over all labelled tokens of the batch (captions weigh most);
+    # "example": each example's token mean, then the mean over examples (see example_mean_loss).
+    loss: str = "example"
     threads: int = 2
 
 
@@ -231,7 +234,7 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
         batch = _collate(chunk, pixels, vlm.tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, cfg)
-        loss = example_mean_loss(model, batch)
+        loss = example_mean_loss(model, batch) if cfg.loss == "example" else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
