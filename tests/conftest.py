@@ -91,18 +91,11 @@ def toy_items(toy_records):
 
 
 @pytest.fixture(scope="session")
-def app_rankings(toy_vlm, toy_items, tmp_path_factory):
-    """A rankings artifact of the shipped toy VLM with all four tasks: the bundled one when present,
-    else computed here (logprob utility, 8 items per task, ~10 s), so the app tests never skip."""
+def app_rankings():
+    """The bundled rankings of the shipped toy VLM (all four tasks, learned scales included)."""
     bundled = ASSETS / "rankings" / "toy-vlm"
-    if (bundled / "manifest.json").is_file():
-        return bundled
-    from hones_core.pipeline import RankParams, rank
-
-    out = tmp_path_factory.mktemp("toy-rankings")
-    rank(toy_vlm, {task: toy_items(task)[:8] for task in ("vqa", "ocr", "caption", "retrieval")}, out,
-         data_file="discovery.json", params=RankParams(utility="logprob", limit=8), show_progress=False)
-    return out
+    assert (bundled / "manifest.json").is_file(), f"{bundled} is missing: the app's default rankings are part of the repo"
+    return bundled
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,10 @@ def test_sweep_values_are_the_logprobs_at_each_factor(demo_service, examples):
 
 def test_neuron_sets(demo_service, examples, app_rankings, tmp_path):
     keys = [k for _, k in demo_service.methods("vqa")]
-    assert keys[0] == "hones" and "random" in keys and "learned" not in keys
+    assert keys[0] == "hones" and "random" in keys and "learned" in keys   # the bundled artifact has scales
+    bare = rankings.load(app_rankings)
+    bare.tasks["vqa"].scales = None
+    assert "learned" not in [k for _, k in DemoService(demo_service.vlm, bare).methods("vqa")]
     hones, rand = demo_service.selection("vqa", "hones", 2.0), demo_service.selection("vqa", "random", 2.0)
     assert {l: len(v) for l, v in hones.items()} == {l: len(v) for l, v in rand.items()} and hones != rand
     # learned scales appear when the artifact has them, and scale z by (1 + s) * factor

@@ -116,6 +116,7 @@ def test_learned_scales_carry_gradients_and_factors_compose(tiny_vlm, images, pr
     with intervene(vlm.arch, plan):
         logp, mask = vlm.token_logprobs(encoded)
     (-logp.sum()).backward()
+    vlm.model.zero_grad(set_to_none=True)   # the tiny model is shared with later tests
     assert scale.grad is not None and scale.grad.abs().sum() > 0
     # two edits on one neuron multiply: 2 x 1.5 == 3
     twice = Plan(neurons=(NeuronScale(0, (7,), 2.0), NeuronScale(0, (7,), 1.5)))

@@ -102,6 +102,7 @@ def test_only_the_scales_learn_they_move_and_dev_loss_goes_down(tiny_vlm, tmp_pa
     # a random tiny model is nearly uniform (CE ~ ln vocab); 48 neurons and a high lr make the drop visible
     wide = {0: list(range(0, 96, 4)), 1: list(range(1, 96, 4))}
     cfg = SteerConfig(lr=0.3, epochs=3)
+    vlm.model.zero_grad(set_to_none=True)   # the shared tiny model may carry another test's gradients
     result = learn_scales(vlm, items, wide, cfg=cfg, progress=False)
     assert all(p.grad is None for p in vlm.model.parameters())
     assert all(p.requires_grad for p in vlm.model.parameters())    # flags restored after training
