@@ -110,20 +110,23 @@ class _Compiled:
 _ACTIVE: contextvars.ContextVar[dict[int, _Compiled]] = contextvars.ContextVar("hones_active_plans", default={})
 
 
-class _Hooks:
-    """The hooks of one model, installed while at least one `intervene` block is open."""
+class RefCountedHooks:
+    """Hooks installed by the first open block and removed when the last one closes.
 
-    def __init__(self, arch: Architecture):
-        self.arch = arch
-        self.key = id(arch.layers[0].o_proj)
+    Subclasses say what to install (`install` returns the handles); callers serialise
+    `acquire`/`release` with their own lock.
+    """
+
+    def __init__(self):
         self.users = 0
         self.handles: list = []
 
+    def install(self) -> list:
+        raise NotImplementedError
+
     def acquire(self) -> None:
         if self.users == 0:
-            for layer in self.arch.layers:
-                self.handles.append(layer.o_proj.register_forward_pre_hook(self._head_hook(layer.index)))
-                self.handles.append(layer.down_proj.register_forward_pre_hook(self._neuron_hook(layer.index)))
+            self.handles = self.install()
         self.users += 1
 
     def release(self) -> None:
@@ -132,6 +135,22 @@ class _Hooks:
             for handle in self.handles:
                 handle.remove()
             self.handles.clear()
+
+
+class _Hooks(RefCountedHooks):
+    """The hooks of one model, installed while at least one `intervene` block is open."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        self.key = id(arch.layers[0].o_proj)
+
+    def install(self) -> list:
+        handles = []
+        for layer in self.arch.layers:
+            handles.append(layer.o_proj.register_forward_pre_hook(self._head_hook(layer.index)))
+            handles.append(layer.down_proj.register_forward_pre_hook(self._neuron_hook(layer.index)))
+        return handles
 
     def _head_hook(self, layer: int):
         num_heads, head_dim = self.arch.num_heads, self.arch.head_dim

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from .arch import Architecture, UnsupportedModelError
-from .interventions import Plan, intervene
+from .interventions import Plan, RefCountedHooks, intervene
 
 ImageLike = Image.Image | str | Path
 Plans = Plan | Sequence[Plan | None] | None
@@ -122,7 +122,7 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
 _SHARING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("hones_shared_towers", default=frozenset())
 
 
-class _TowerSharing:
+class _TowerSharing(RefCountedHooks):
     """The two hooks on one vision tower, installed while at least one `share_images` block is open.
 
     The pre-hook keeps the first of each group of equal rows and remembers, per thread, which
@@ -131,23 +131,13 @@ class _TowerSharing:
     """
 
     def __init__(self, tower: torch.nn.Module):
+        super().__init__()
         self.tower = tower
-        self.users = 0
-        self.handles: list = []
         self.pending = threading.local()
 
-    def acquire(self) -> None:
-        if self.users == 0:
-            self.handles = [self.tower.register_forward_pre_hook(self._before, with_kwargs=True),
-                            self.tower.register_forward_hook(self._after)]
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            for handle in self.handles:
-                handle.remove()
-            self.handles.clear()
+    def install(self) -> list:
+        return [self.tower.register_forward_pre_hook(self._before, with_kwargs=True),
+                self.tower.register_forward_hook(self._after)]
 
     def _before(self, module, args, kwargs):
         self.pending.inverse = None
