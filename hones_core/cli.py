@@ -177,7 +177,8 @@ def cmd_toy_data(args: argparse.Namespace) -> None:
 def cmd_toy_train(args: argparse.Namespace) -> None:
     from .toy.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, loss=args.loss)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, loss=args.loss,
+                      vqa_per_image=args.vqa_per_image)
     data_file = Path(args.data)
     if data_file.is_dir():
         data_file = data_file / "train.json"
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--loss", choices=["token", "example"], default="example",
                    help="average the cross-entropy over a batch's answer tokens, or per example first")
+    p.add_argument("--vqa-per-image", type=int, default=2, help="fresh VQA questions per image and epoch")
     p.set_defaults(func=cmd_toy_train)
 
     p = sub.add_parser("toy-examples", help="write the app's examples gallery (examples.json + PNGs)")
