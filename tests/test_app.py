@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image

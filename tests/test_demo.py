@@ -16,7 +16,7 @@ from hones_core import rankings
 from hones_core.demo import (DemoConfigError, DemoInputError, DemoService, diff_words, open_image, read_examples,
                              write_results)
 from hones_core.interventions import Plan
-from hones_core.tasks import TASKS, vqa_prompt
+from hones_core.tasks import TASKS
 from hones_core.toy.examples import write_examples
 
 from conftest import ASSETS

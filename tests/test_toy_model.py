@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from hones_core.data import read_records
 from hones_core.evaluation import evaluate
