@@ -63,7 +63,7 @@ def test_training_a_few_steps_lowers_the_loss(tmp_path):
     world.write_world(tmp_path / "w", seed=5, n_discovery=1, n_dev=1, n_test=1, n_train=48, image_size=96,
                       progress=False)
     tiny = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
-    summary = train(tmp_path / "w" / "train.json", tmp_path / "model", cfg=TrainConfig(epochs=10, batch_size=16,
+    summary = train(tmp_path / "w" / "train.json", tmp_path / "model", cfg=TrainConfig(epochs=10, batch_size=16, focus_steps=20,
                     lr=3e-3, warmup_steps=2), model_config=tiny, progress=False)
     curve = json.loads((tmp_path / "model" / "training.json").read_text())
     assert summary["steps"] == curve["steps"] > 40   # last_loss averages the last 20 steps
