@@ -79,7 +79,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str | None = None,
-             dtype: str | torch.dtype = "auto", *, trust_remote_code: bool = False) -> VLM:
+             dtype: str | torch.dtype = "auto", *, trust_remote_code: bool = False, device_map: str | None = None,
+             max_memory: dict | None = None) -> VLM:
     """Load a supported VLM and its processor.
 
     Args:
@@ -88,6 +89,8 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
         device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available.
         dtype: "auto" (bfloat16 on GPU, float32 on CPU) or an explicit dtype.
         trust_remote_code: run code from the model repo; off unless you ask for it.
+        device_map, max_memory: "auto" splits the model over the GPUs that `max_memory` lists
+            (all visible ones when it is None), through transformers/accelerate; `device` must be None.
 
     Raises:
         ModelLoadError: the id/directory does not exist, is unreachable, or is not an image-text model.
@@ -95,8 +98,11 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if device_map is not None and device is not None:
+        raise ValueError("give either device or device_map, not both")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     source = str(name_or_path)
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
@@ -105,7 +111,7 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
         raise ModelLoadError(f"no such model directory: {source} (and it is not a Hub id of the form org/name)")
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement)
         processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
@@ -113,7 +119,9 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
             "Check the Hub id or the local directory (it needs config.json, weights and the processor files); "
             "without network, set HF_HUB_OFFLINE=1 and use a model already in the cache."
         ) from err
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return VLM(model, processor, name=source, revision=revision)
 
 
