@@ -105,9 +105,75 @@ class _Compiled:
     neurons: dict[int, torch.Tensor]             # layer -> float [rows, intermediate]
     capture: Capture | None
     captured_layers: set[int] = field(default_factory=set)
+    classes: dict[int, list[int]] = field(default_factory=dict)   # layer -> plan class per row (lazy)
+
+    def plan_classes(self, layer: int) -> list[int] | None:
+        """Per row, a number that is equal exactly for rows whose plans act identically at `layer`.
+
+        Two rows get the same number when their head masks and neuron multipliers of that
+        layer are equal to the bit; None when one plan covers every row.
+        """
+        if self.rows == 1:
+            return None
+        if layer not in self.classes:
+            parts = [t.detach().cpu() for t in (self.heads.get(layer), self.neurons.get(layer)) if t is not None]
+            seen: dict[tuple, int] = {}
+            self.classes[layer] = [
+                seen.setdefault(tuple(p[r].numpy().tobytes() for p in parts), len(seen)) for r in range(self.rows)]
+        return self.classes[layer]
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A decoder layer is running on `keep` (long `[kept]`) of the batch's rows; `inverse` (long
+    `[rows]`) says which kept row stands for each row. Set by `models.share_prefix`."""
+    layer: int
+    keep: torch.Tensor
+    inverse: torch.Tensor
 
 
 _ACTIVE: contextvars.ContextVar[dict[int, _Compiled]] = contextvars.ContextVar("hones_active_plans", default={})
+_VIEWS: contextvars.ContextVar[dict[int, RowView]] = contextvars.ContextVar("hones_row_views", default={})
+
+
+def model_key(arch: Architecture) -> int:
+    """The key of `arch`'s model in the per-context tables (plans, row views)."""
+    return id(arch.layers[0].o_proj)
+
+
+def plan_classes(arch: Architecture, layer: int, rows: int) -> list[int] | None:
+    """`_Compiled.plan_classes` of the plans active for `arch` in this context (None: all rows alike).
+
+    Raises ValueError when per-row plans were given for another number of rows than `rows`.
+    """
+    compiled = _ACTIVE.get().get(model_key(arch))
+    if compiled is None or compiled.rows == 1:
+        return None
+    if compiled.rows != rows:
+        raise ValueError(f"layer {layer}: the batch has {rows} rows but {compiled.rows} per-row plans were given")
+    return compiled.plan_classes(layer)
+
+
+def set_row_view(arch: Architecture, view: RowView | None) -> None:
+    """Tell the hooks of `arch` that the layer `view.layer` now runs on some rows only (None: all rows)."""
+    key = model_key(arch)
+    views = _VIEWS.get()
+    if view is None and key not in views:
+        return
+    views = {k: v for k, v in views.items() if k != key}
+    if view is not None:
+        views[key] = view
+    _VIEWS.set(views)
+
+
+@contextmanager
+def row_views(arch: Architecture) -> Iterator[None]:
+    """A block in which row views of `arch` may be set; whatever is set is undone when it exits."""
+    token = _VIEWS.set({k: v for k, v in _VIEWS.get().items() if k != model_key(arch)})
+    try:
+        yield
+    finally:
+        _VIEWS.reset(token)
 
 
 class RefCountedHooks:
@@ -143,7 +209,7 @@ class _Hooks(RefCountedHooks):
     def __init__(self, arch: Architecture):
         super().__init__()
         self.arch = arch
-        self.key = id(arch.layers[0].o_proj)
+        self.key = model_key(arch)
 
     def install(self) -> list:
         handles = []
@@ -151,6 +217,10 @@ class _Hooks(RefCountedHooks):
             handles.append(layer.o_proj.register_forward_pre_hook(self._head_hook(layer.index)))
             handles.append(layer.down_proj.register_forward_pre_hook(self._neuron_hook(layer.index)))
         return handles
+
+    def _view(self, layer: int) -> RowView | None:
+        view = _VIEWS.get().get(self.key)
+        return view if view is not None and view.layer == layer else None
 
     def _head_hook(self, layer: int):
         num_heads, head_dim = self.arch.num_heads, self.arch.head_dim
@@ -160,11 +230,12 @@ class _Hooks(RefCountedHooks):
             if compiled is None or layer not in compiled.heads:
                 return None
             x = args[0]
-            _check_rows(compiled, x, layer)
+            view = self._view(layer)
+            _check_rows(compiled, x, layer, view)
             b, s, _ = x.shape
             per_head = x.view(b, s, num_heads, head_dim)
             others_mean = (per_head.sum(dim=2, keepdim=True) - per_head) / (num_heads - 1)
-            mask = compiled.heads[layer].to(x.device)[:, None, :, None]
+            mask = _rows_of(compiled, compiled.heads[layer], view).to(x.device)[:, None, :, None]
             return (torch.where(mask, others_mean, per_head).reshape(b, s, num_heads * head_dim), *args[1:])
         return hook
 
@@ -174,21 +245,40 @@ class _Hooks(RefCountedHooks):
             if compiled is None:
                 return None
             x = args[0]
+            view = self._view(layer)
             result = None
             if layer in compiled.neurons:
-                _check_rows(compiled, x, layer)
-                x = x * compiled.neurons[layer].to(device=x.device, dtype=x.dtype)[:, None, :]
+                _check_rows(compiled, x, layer, view)
+                table = _rows_of(compiled, compiled.neurons[layer], view)
+                x = x * table.to(device=x.device, dtype=x.dtype)[:, None, :]
                 result = (x, *args[1:])
             capture = compiled.capture
             if capture is not None and layer not in compiled.captured_layers:
                 compiled.captured_layers.add(layer)
-                capture.neurons[layer] = (x[:, -1, :] if capture.positions == "last" else x).detach()
+                value = (x[:, -1, :] if capture.positions == "last" else x).detach()
+                if view is not None:      # the layer ran on the distinct rows: give every row its copy
+                    value = value.index_select(0, view.inverse.to(value.device))
+                capture.neurons[layer] = value
             return result
         return hook
 
 
-def _check_rows(compiled: _Compiled, x: torch.Tensor, layer: int) -> None:
-    if compiled.rows != 1 and x.shape[0] != compiled.rows:
+def _rows_of(compiled: _Compiled, table: torch.Tensor, view: RowView | None) -> torch.Tensor:
+    """The rows of a per-row plan table that the running batch holds."""
+    if view is None or compiled.rows == 1:
+        return table
+    return table.index_select(0, view.keep.to(table.device))
+
+
+def _check_rows(compiled: _Compiled, x: torch.Tensor, layer: int, view: RowView | None = None) -> None:
+    if compiled.rows == 1:
+        return
+    if view is not None:
+        if view.inverse.shape[0] != compiled.rows or x.shape[0] != view.keep.shape[0]:
+            raise ValueError(f"layer {layer}: running {x.shape[0]} of {view.inverse.shape[0]} rows "
+                             f"({view.keep.shape[0]} kept) but {compiled.rows} per-row plans were given")
+        return
+    if x.shape[0] != compiled.rows:
         raise ValueError(f"layer {layer}: the batch has {x.shape[0]} rows but {compiled.rows} per-row plans were given")
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .arch import Architecture, UnsupportedModelError
-from .interventions import Plan, RefCountedHooks, intervene
+from .arch import Architecture, UnsupportedModelError, _get
+from .interventions import Plan, RefCountedHooks, RowView, intervene, model_key, plan_classes, row_views, set_row_view
 
 ImageLike = Image.Image | str | Path
 Plans = Plan | Sequence[Plan | None] | None
@@ -201,8 +201,8 @@ def _spread(value, inverse: torch.Tensor, kept: int, tower: str):
         return None
     if torch.is_tensor(value):
         if value.dim() == 0 or value.shape[0] != kept:
-            raise UnsupportedModelError(f"{tower} returned a tensor of shape {tuple(value.shape)} for {kept} image "
-                                        "rows; only batch-first outputs can be shared between rows")
+            raise UnsupportedModelError(f"{tower} returned a tensor of shape {tuple(value.shape)} for {kept} rows; "
+                                        "only batch-first outputs can be shared between rows")
         return value.index_select(0, inverse.to(value.device))
     if isinstance(value, dict):      # ModelOutput included: assigning a key updates its attribute too
         for key in list(value.keys()):
@@ -249,6 +249,231 @@ def share_images(arch: Architecture) -> Iterator[None]:
         _SHARING.reset(token)
         with _TOWERS_LOCK:
             sharing.release()
+
+
+# ----- sharing the text decoder's prefix between rows that agree up to a layer ---------------------
+
+_PREFIX: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("hones_shared_prefix", default=frozenset())
+
+# keyword arguments of a decoder layer that hold one row per batch row (or one row for all), and the
+# numbers of dimensions they may have: masks `[B, S]` (flash) or `[B, 1, Q, K]`, positions `[B, S]`,
+# rotary (cos, sin) `[B, S, D]` (Qwen2-VL / 2.5-VL included: their 3-D mrope positions are folded into
+# cos/sin before the layers, which get 2-D text positions)
+_ROW_KWARGS = {"attention_mask": (2, 4), "position_ids": (2,), "position_embeddings": (3,)}
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _decoder_layers(arch: Architecture) -> list[torch.nn.Module]:
+    """The text decoder layer modules of `arch`, checked against its o_proj list and cache indices."""
+    path = arch.family.layers
+    if not path.startswith("model."):
+        raise UnsupportedModelError(f"{arch.family.name}: decoder layers at '{path}' are not inside the base model")
+    layers = list(_get(arch.base_model, path[len("model."):], "the text decoder layers"))
+    for i, layer in enumerate(layers):
+        attention = getattr(layer, "self_attn", None)
+        if getattr(attention, "o_proj", None) is not arch.layers[i].o_proj or getattr(attention, "layer_idx", i) != i:
+            raise UnsupportedModelError(f"{arch.family.name}: decoder layer {i} does not hold o_proj {i} or does "
+                                        "not cache under its own index; its prefix cannot be shared")
+    return layers
+
+
+def _fresh_cache(cache, index: int) -> bool:
+    """Whether layer `index` of `cache` is an empty dynamic layer (it then receives exactly this call's keys)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    if cache is None:
+        return True
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", True):
+        return False
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    if index < len(cache.layers):
+        layer = cache.layers[index]
+        return type(layer) in kinds and layer.get_seq_length() == 0
+    return getattr(cache, "layer_class_to_replicate", None) in kinds
+
+
+def _row_kwargs(kwargs: dict, rows: int, where: str) -> list[torch.Tensor]:
+    """The per-row tensors among a decoder layer's keyword arguments; refuses any it cannot place."""
+    per_row: list[torch.Tensor] = []
+    for name, value in kwargs.items():
+        if name in _CACHE_KWARGS or value is None or isinstance(value, (bool, int, float, str)):
+            continue
+        if name not in _ROW_KWARGS:
+            raise UnsupportedModelError(f"{where} got a keyword argument {name!r} ({type(value).__name__}); "
+                                        "cannot tell whether it holds one row per batch row")
+        leaves = list(value) if isinstance(value, (tuple, list)) else [value]
+        for leaf in leaves:
+            if not torch.is_tensor(leaf) or leaf.dim() not in _ROW_KWARGS[name] or leaf.shape[0] not in (1, rows):
+                shape = tuple(leaf.shape) if torch.is_tensor(leaf) else type(leaf).__name__
+                raise UnsupportedModelError(f"{where} got {name} {shape} for {rows} rows; expected a batch-first "
+                                            f"tensor with {' or '.join(map(str, _ROW_KWARGS[name]))} dimensions")
+            if leaf.shape[0] == rows:
+                per_row.append(leaf)
+    return per_row
+
+
+def _checksums(hidden: torch.Tensor) -> list[int]:
+    """An exact (integer) checksum of each row's bits: equal rows always get equal numbers."""
+    flat = hidden.reshape(hidden.shape[0], -1)
+    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size())
+    if not flat.is_floating_point() or bits is None:
+        return [0] * hidden.shape[0]
+    return flat.view(bits).sum(1, dtype=torch.int64).tolist()
+
+
+def _distinct_rows_keyed(tensors: list[torch.Tensor], rows: int, classes: list[int] | None
+                         ) -> tuple[list[int], list[int]]:
+    """`_distinct_rows` where rows must also share a plan class; a checksum of `tensors[0]` picks candidates."""
+    keep: list[int] = []
+    inverse: list[int] = []
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for row, checksum in enumerate(_checksums(tensors[0])):
+        candidates = buckets.setdefault((classes[row] if classes is not None else 0, checksum), [])
+        for j in candidates:
+            if all(torch.equal(t[row], t[keep[j]]) for t in tensors):
+                inverse.append(j)
+                break
+        else:
+            candidates.append(len(keep))
+            inverse.append(len(keep))
+            keep.append(row)
+    return keep, inverse
+
+
+def _take(value, index: torch.Tensor, rows: int):
+    """`value` with every batch-first tensor (leading size `rows`) restricted to the rows `index`."""
+    if torch.is_tensor(value):
+        return value.index_select(0, index.to(value.device)) if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(v, index, rows) for v in value)
+    return value
+
+
+class _PrefixSharing(RefCountedHooks):
+    """The hooks on one model's decoder layers, installed while at least one `share_prefix` block is open.
+
+    Each layer's pre-hook decides, for a prefill call (more than one position, an empty dynamic
+    cache layer) inside a block, which rows are distinct; the layer then runs on those rows, the
+    interventions see a `RowView` so per-row plans and captures follow, and the forward hook
+    copies the outputs and the layer's cached keys/values back to every row.
+    """
+
+    def __init__(self, arch: Architecture, layers: list[torch.nn.Module]):
+        super().__init__()
+        self.arch = arch
+        self.layers = layers
+        self.key = model_key(arch)
+        self.pending = threading.local()
+
+    def install(self) -> list:
+        handles = []
+        for index, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(self._before(index), with_kwargs=True))
+            handles.append(layer.register_forward_hook(self._after(index), with_kwargs=True))
+        return handles
+
+    def _before(self, index: int):
+        def hook(module, args, kwargs):
+            self.pending.value = None
+            if self.key not in _PREFIX.get():
+                return None
+            set_row_view(self.arch, None)
+            positional = bool(args)
+            hidden = args[0] if positional else kwargs.get("hidden_states")
+            where = f"decoder layer {index} ({type(module).__name__})"
+            if not torch.is_tensor(hidden) or hidden.dim() != 3:
+                raise UnsupportedModelError(f"{where} was called without hidden states [batch, seq, hidden]")
+            rows, seq = hidden.shape[:2]
+            if rows < 2 or seq < 2:        # one row, or a decoding step (rows diverge): run unchanged
+                return None
+            if len(args) > 1:
+                raise UnsupportedModelError(f"{where} got {len(args)} positional arguments; only the hidden states "
+                                            "may be positional for its rows to be shared")
+            cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+            if not _fresh_cache(cache, index):
+                return None
+            extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            per_row = [hidden, *_row_kwargs(extra, rows, where)]
+            keep, inverse = _distinct_rows_keyed(per_row, rows, plan_classes(self.arch, index, rows))
+            if len(keep) == rows:
+                return None
+            kept = torch.tensor(keep, device=hidden.device)
+            inverse_t = torch.tensor(inverse)
+            set_row_view(self.arch, RowView(index, kept, inverse_t))
+            self.pending.value = (index, inverse_t, len(keep), cache)
+            new_kwargs = {k: (_take(v, kept, rows) if k in _ROW_KWARGS or k == "hidden_states" else v)
+                          for k, v in kwargs.items()}
+            return ((hidden.index_select(0, kept),) if positional else ()), new_kwargs
+        return hook
+
+    def _after(self, index: int):
+        def hook(module, args, kwargs, output):
+            pending, self.pending.value = getattr(self.pending, "value", None), None
+            if pending is None:
+                return None
+            set_row_view(self.arch, None)
+            layer_index, inverse, kept, cache = pending
+            where = f"decoder layer {index} ({type(module).__name__})"
+            if layer_index != index:
+                raise RuntimeError(f"{where}: finished while layer {layer_index} was pending (layers re-entered?)")
+            if cache is not None and index < len(cache.layers) and cache.layers[index].is_initialized:
+                entry = cache.layers[index]
+                for name in ("keys", "values"):
+                    value = getattr(entry, name)
+                    if value.shape[0] != kept:
+                        raise UnsupportedModelError(f"{where} cached {name} of shape {tuple(value.shape)} for "
+                                                    f"{kept} rows; cannot copy them back to every row")
+                    setattr(entry, name, value.index_select(0, inverse.to(value.device)))
+            return _spread(output, inverse, kept, where)
+        return hook
+
+
+_PREFIXES: "weakref.WeakKeyDictionary[torch.nn.Module, _PrefixSharing]" = weakref.WeakKeyDictionary()
+_PREFIXES_LOCK = threading.Lock()
+
+
+@contextmanager
+def share_prefix(arch: Architecture) -> Iterator[None]:
+    """Inside the block, each decoder layer of a prefill pass runs once per distinct row.
+
+    Rows are the same at layer k when the layer's inputs are bitwise equal (hidden states, and
+    the row's attention mask and rotary positions, by `torch.equal`) and their plans act alike
+    at layer k (same head mask and neuron multipliers, `interventions.plan_classes`). Rows that
+    share the input and the plans of layers < k therefore share layers < k; from the first layer
+    where their plans differ they run apart. The layer's outputs and its key/value cache entries
+    are copied back to every row, so decoding steps (one position, where rows diverge) run
+    unchanged on the whole batch, and captures (`intervene(..., capture=...)`) hold every row.
+
+    Only prefill calls are shared: more than one position and an empty `DynamicCache` layer (or
+    no cache); any other call runs unshared. A decoder layer given a keyword argument whose batch
+    layout is unknown raises `UnsupportedModelError` rather than being guessed. Every row's result
+    is the one it gets unshared wherever the kernels give a row the same bits whatever the row
+    count (CPU float32 here, tested for every family).
+
+    Thread-safe like `share_images`: hooks installed once per model while any block is open, and
+    acting only for the threads/tasks inside a block.
+    """
+    layers = _decoder_layers(arch)
+    with _PREFIXES_LOCK:
+        sharing = _PREFIXES.get(layers[0])
+        if sharing is None:
+            sharing = _PREFIXES[layers[0]] = _PrefixSharing(arch, layers)
+        sharing.acquire()
+    token = _PREFIX.set(_PREFIX.get() | {sharing.key})
+    try:
+        with row_views(arch):
+            yield
+    finally:
+        _PREFIX.reset(token)
+        with _PREFIXES_LOCK:
+            sharing.release()
+
+
+@contextmanager
+def share_rows(arch: Architecture) -> Iterator[None]:
+    """`share_images` and `share_prefix` together: what every batched inference call runs inside."""
+    with share_images(arch), share_prefix(arch):
+        yield
 
 
 class VLM:
@@ -357,7 +582,7 @@ class VLM:
                  plans: Plans = None) -> list[str]:
         """Greedy answers, one per (image, prompt), special tokens removed and stripped."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), share_images(self.arch):
+        with self._context(self.arch, plans), share_rows(self.arch):
             out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -372,13 +597,14 @@ class VLM:
                           plans: Plans = None) -> torch.Tensor:
         """Logits of the first answer token, `[batch, vocab]` float32."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), share_images(self.arch):
-            hidden = self.last_hidden(inputs)
+        with self._context(self.arch, plans), share_rows(self.arch):
+            hidden = self.last_hidden(inputs, use_cache=False)
         return self.unembed(hidden[:, -1:, :])[:, 0, :]
 
-    def last_hidden(self, inputs: dict) -> torch.Tensor:
-        """The text decoder's final hidden states, `[batch, seq, hidden]`."""
-        return self.arch.base_model(**inputs).last_hidden_state
+    def last_hidden(self, inputs: dict, *, use_cache: bool | None = None) -> torch.Tensor:
+        """The text decoder's final hidden states, `[batch, seq, hidden]` (`use_cache=False`: no KV cache kept)."""
+        extra = {} if use_cache is None else {"use_cache": use_cache}
+        return self.arch.base_model(**inputs, **extra).last_hidden_state
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[batch, n, vocab]` float32 from hidden states `[batch, n, hidden]`.
@@ -395,7 +621,7 @@ class VLM:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
         encoded = self.encode(images, prompts, answers)
-        with torch.inference_mode(), self._context(self.arch, plans), share_images(self.arch):
+        with torch.inference_mode(), self._context(self.arch, plans), share_rows(self.arch):
             token_logp, mask = self.token_logprobs(encoded)
         total = (token_logp * mask).sum(-1)
         return total if reduction == "sum" else total / mask.sum(-1)

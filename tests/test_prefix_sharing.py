@@ -1,0 +1,296 @@
+"""Decoder-prefix sharing (`models.share_prefix`): rows that agree up to a layer run it once."""
+
+import threading
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from hones_core.arch import UnsupportedModelError
+from hones_core.interventions import Plan, intervene
+from hones_core.models import _decoder_layers, _fresh_cache, share_images, share_prefix, share_rows
+
+
+def _noisy(seed: int, size: tuple[int, int]):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+class _RowCounter:
+    """Rows each decoder layer's FFN (and attention) really computes, call by call: `calls[layer]`."""
+
+    def __init__(self, vlm):
+        self.calls: dict[int, list[int]] = {layer.index: [] for layer in vlm.arch.layers}
+        self.handles = [layer.down_proj.register_forward_pre_hook(
+            lambda module, args, i=layer.index: self.calls[i].append(args[0].shape[0])) for layer in vlm.arch.layers]
+        self.attention = {layer.index: [] for layer in vlm.arch.layers}
+        self.handles += [layer.o_proj.register_forward_pre_hook(
+            lambda module, args, i=layer.index: self.attention[i].append(args[0].shape[0]))
+            for layer in vlm.arch.layers]
+
+    def prefill(self) -> list[int]:
+        """Rows of each layer's first call (the prefill pass)."""
+        return [calls[0] for _, calls in sorted(self.calls.items())]
+
+    def clear(self):
+        for calls in (*self.calls.values(), *self.attention.values()):
+            calls.clear()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _run(vlm, images, prompts, plans, *, shared: bool, capture: str | None = None, max_new_tokens: int = 6):
+    """Generated tokens, final hidden states and captured FFN activations, with or without prefix sharing."""
+    inputs = vlm.encode(images, prompts).inputs
+    sharing = share_rows(vlm.arch) if shared else share_images(vlm.arch)
+    with torch.inference_mode(), intervene(vlm.arch, plans, capture=capture) as generated, sharing:
+        out = vlm.model.generate(**inputs, **vlm.generation_kwargs(max_new_tokens))
+    sharing = share_rows(vlm.arch) if shared else share_images(vlm.arch)
+    with torch.inference_mode(), intervene(vlm.arch, plans, capture=capture) as forward, sharing:
+        hidden = vlm.last_hidden(inputs)
+    tokens = out[:, inputs["input_ids"].shape[1]:]
+    return tokens, hidden, (generated.neurons if capture else {}), (forward.neurons if capture else {})
+
+
+def _assert_same(a, b):
+    tokens_a, hidden_a, gen_a, fwd_a = a
+    tokens_b, hidden_b, gen_b, fwd_b = b
+    assert torch.equal(tokens_a, tokens_b)
+    assert torch.equal(hidden_a, hidden_b)
+    for captured_a, captured_b in ((gen_a, gen_b), (fwd_a, fwd_b)):
+        assert captured_a.keys() == captured_b.keys()
+        for layer in captured_a:
+            assert torch.equal(captured_a[layer], captured_b[layer]), f"capture of layer {layer} differs"
+
+
+@pytest.mark.parametrize("capture", ["last", "all"])
+def test_shared_prefix_is_bit_identical_and_runs_only_distinct_rows(family, tiny_vlm, prompts, capture):
+    vlm = tiny_vlm(family)
+    a, b = _noisy(11, (40, 30)), _noisy(12, (30, 50))
+    images = [a, a, b, a, a, b, a]
+    texts = [prompts[0], prompts[0], prompts[1], prompts[0], prompts[1], prompts[1], prompts[0]]
+    plans = [None, Plan.ablate_heads([(1, 2)]), None, Plan.scale_neurons({1: [1, 2, 3]}, 2.0), None,
+             Plan.ablate_heads([(0, 1)]), None]
+    counter = _RowCounter(vlm)
+    try:
+        unshared = _run(vlm, images, texts, plans, shared=False, capture=capture)
+        assert counter.prefill() == [7, 7]
+        counter.clear()
+        shared = _run(vlm, images, texts, plans, shared=True, capture=capture)
+        # distinct inputs: (a, p0) x4 [rows 0 1 3 6], (b, p1) x2 [rows 2 5], (a, p1) [row 4].
+        # Layer 0: row 5 ablates head (0, 1), so it leaves its group: 4 groups.
+        # Layer 1: rows 1 and 3 have their own layer-1 plans, row 5 its own hidden states: 6 groups.
+        assert counter.prefill() == [4, 6]
+        assert counter.attention[0][0] == 4 and counter.attention[1][0] == 6
+        # generate: prefill shared, then decoding steps on every row; then the plain forward, shared again
+        assert all(calls[1:-1] == [7] * (len(calls) - 2) and len(calls) > 2 for calls in counter.calls.values())
+        assert [calls[-1] for _, calls in sorted(counter.calls.items())] == [4, 6]
+    finally:
+        counter.remove()
+    _assert_same(shared, unshared)
+    layers = _decoder_layers(vlm.arch)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+
+
+def test_one_plan_for_all_rows_shares_every_layer_and_spreads_the_capture(family, tiny_vlm, prompts):
+    vlm = tiny_vlm(family)
+    image = _noisy(13, (36, 36))
+    plan = Plan(heads=((0, 3),), neurons=Plan.scale_neurons({1: list(range(30))}, 0.0).neurons)
+    counter = _RowCounter(vlm)
+    try:
+        shared = _run(vlm, [image] * 3, [prompts[1]] * 3, plan, shared=True, capture="all")
+        assert counter.prefill() == [1, 1]
+    finally:
+        counter.remove()
+    _assert_same(shared, _run(vlm, [image] * 3, [prompts[1]] * 3, plan, shared=False, capture="all"))
+    assert all(z.shape[0] == 3 for z in shared[2].values())
+
+
+def test_rows_whose_plans_differ_early_are_not_merged(tiny_vlm, prompts):
+    vlm = tiny_vlm("llava")
+    image = _noisy(14, (32, 32))
+    cases = [
+        ([None, Plan.scale_neurons({0: [4]}, 0.0)], [2, 2]),               # differ at layer 0: nothing shared
+        ([None, Plan.ablate_heads([(0, 0)])], [2, 2]),
+        ([None, Plan.ablate_heads([(1, 0)])], [1, 2]),                     # differ at layer 1 only
+        ([Plan.ablate_heads([(1, 0)]), Plan.ablate_heads([(1, 0)])], [1, 1]),   # equal plans, other objects
+        ([Plan.scale_neurons({0: [4]}, 1.0), None], [1, 1]),               # x * 1.0 is x: the same plan
+        ([Plan.scale_neurons({1: [4]}, 2.0), Plan.scale_neurons({1: [4]}, 2.0 + 2 ** -20)], [1, 2]),
+    ]
+    for plans, expected in cases:
+        counter = _RowCounter(vlm)
+        try:
+            shared = _run(vlm, [image] * 2, [prompts[0]] * 2, plans, shared=True, capture="last")
+            rows = counter.prefill()
+        finally:
+            counter.remove()
+        assert rows == expected, plans
+        _assert_same(shared, _run(vlm, [image] * 2, [prompts[0]] * 2, plans, shared=False, capture="last"))
+
+
+def test_rows_with_equal_hidden_states_but_other_masks_are_not_merged(tiny_vlm, prompts):
+    """Equal hidden states are not enough: the row's attention mask and positions must match too."""
+    vlm = tiny_vlm("llava")
+    layers = _decoder_layers(vlm.arch)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 5, 64).expand(2, 5, 64).contiguous()
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, :, 0] = False            # row 1 does not see position 0
+    mask[1, :, 0, 0] = True
+    positions = torch.arange(5)[None].expand(2, 5)
+    rotary = vlm.model.model.language_model.rotary_emb(hidden, positions)
+    counter = _RowCounter(vlm)
+    try:
+        with torch.inference_mode():
+            plain = layers[0](hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+            with share_prefix(vlm.arch):
+                shared = layers[0](hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+                same_mask = layers[0](hidden, attention_mask=mask[:1].expand(2, -1, -1, -1), position_ids=positions,
+                                      position_embeddings=rotary)
+    finally:
+        counter.remove()
+    assert counter.calls[0] == [2, 2, 1]
+    assert torch.equal(plain, shared) and not torch.equal(shared[0], shared[1])
+    assert torch.equal(same_mask[0], same_mask[1]) and torch.equal(same_mask[0], plain[0])
+
+
+def test_unknown_layer_arguments_are_refused_not_guessed(tiny_vlm):
+    vlm = tiny_vlm("llava")
+    layer = _decoder_layers(vlm.arch)[0]
+    hidden = torch.zeros(2, 4, 64)
+    with torch.inference_mode(), share_prefix(vlm.arch):
+        with pytest.raises(UnsupportedModelError, match="'mystery'"):
+            layer(hidden, mystery=torch.zeros(2, 4))
+        with pytest.raises(UnsupportedModelError, match="position_ids"):
+            layer(hidden, position_ids=torch.zeros(3, 2, 4, dtype=torch.long))    # 3-D (mrope-style) positions
+    # outside a block the layer is untouched by sharing (the hooks are gone)
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
+
+
+def test_only_empty_dynamic_cache_layers_are_shared(tiny_vlm):
+    from transformers import DynamicCache, StaticCache
+
+    vlm = tiny_vlm("llava")
+    config = vlm.model.config.get_text_config()
+    assert _fresh_cache(None, 0)
+    assert _fresh_cache(DynamicCache(), 1)
+    cache = DynamicCache(config=config)
+    assert _fresh_cache(cache, 0)
+    cache.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    assert not _fresh_cache(cache, 0) and _fresh_cache(cache, 1)      # layer 0 holds keys already
+    assert not _fresh_cache(StaticCache(config=config, max_cache_len=8), 0)
+
+
+def test_a_second_chunk_of_prompt_after_a_filled_cache_runs_unshared(tiny_vlm, prompts):
+    """A multi-token call on a cache that holds keys (chunked prefill) is not shared, and stays exact."""
+    from transformers import DynamicCache
+
+    vlm = tiny_vlm("llava")
+    image = _noisy(15, (32, 32))
+    inputs = vlm.encode([image] * 2, [prompts[0]] * 2).inputs
+    model = vlm.arch.base_model
+    results = []
+    for shared in (False, True):
+        counter = _RowCounter(vlm)
+        try:
+            cache = DynamicCache(config=vlm.model.config.get_text_config())
+            with torch.inference_mode(), (share_rows(vlm.arch) if shared else nullcontext()):
+                model(**inputs, cache=cache, use_cache=True)
+                more = torch.tensor([[5, 6, 7]] * 2)
+                mask = torch.cat([inputs["attention_mask"], torch.ones_like(more)], dim=1)
+                out = model(input_ids=more, attention_mask=mask, cache=cache, use_cache=True)
+            results.append((out.last_hidden_state, cache.layers[1].keys))
+            if shared:
+                assert counter.calls[0] == [1, 2] and counter.calls[1] == [1, 2]
+        finally:
+            counter.remove()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[1][1].shape[0] == 2
+
+
+def test_vlm_calls_share_the_prefix(tiny_vlm, prompts):
+    vlm = tiny_vlm("idefics3")
+    image = _noisy(16, (40, 40))
+    plans = [None, Plan.ablate_heads([(1, 1)]), Plan.ablate_heads([(1, 2)])]
+    counter = _RowCounter(vlm)
+    try:
+        answers = vlm.generate([image] * 3, [prompts[0]] * 3, plans=plans, max_new_tokens=4)
+        generated = counter.prefill()
+        counter.clear()
+        logits = vlm.next_token_logits([image] * 3, [prompts[0]] * 3, plans=plans)
+        forward = counter.prefill()
+        counter.clear()
+        logp = vlm.answer_logprobs([image] * 3, [prompts[0]] * 3, ["red circle"] * 3, plans=plans)
+        teacher_forced = counter.prefill()
+    finally:
+        counter.remove()
+    assert generated == forward == teacher_forced == [1, 3]
+    for i, plan in enumerate(plans):
+        alone = plan or Plan()
+        assert answers[i] == vlm.generate([image], [prompts[0]], plans=alone, max_new_tokens=4)[0]
+        assert torch.equal(logits[i], vlm.next_token_logits([image], [prompts[0]], plans=alone)[0])
+        torch.testing.assert_close(logp[i], vlm.answer_logprobs([image], [prompts[0]], ["red circle"],
+                                                                plans=alone)[0], rtol=0, atol=0)
+
+
+def test_prefix_sharing_is_off_outside_the_block_and_for_other_threads(tiny_vlm, prompts):
+    vlm = tiny_vlm("qwen2-vl")
+    image = _noisy(17, (32, 32))
+    counter = _RowCounter(vlm)
+    other: list[list[int]] = []
+
+    def plain_forward():
+        _run(vlm, [image] * 2, [prompts[0]] * 2, Plan(), shared=False)
+        other.append(counter.prefill())
+
+    try:
+        with share_prefix(vlm.arch):
+            thread = threading.Thread(target=plain_forward)
+            thread.start()
+            thread.join()
+            counter.clear()
+            inputs = vlm.encode([image] * 3, [prompts[0]] * 3).inputs
+            with torch.inference_mode():
+                vlm.last_hidden(inputs)
+            inside = counter.prefill()
+        counter.clear()
+        with torch.inference_mode():
+            vlm.last_hidden(inputs)
+        after = counter.prefill()
+    finally:
+        counter.remove()
+    assert other == [[2, 2]] and inside == [1, 1] and after == [3, 3]
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in _decoder_layers(vlm.arch))
+
+
+def test_concurrent_shared_batches_match_sequential_runs(tiny_vlm, prompts):
+    vlm = tiny_vlm("llava-qwen2")
+    image = _noisy(18, (32, 32))
+    batches = [[None, Plan.ablate_heads([(1, h)])] for h in range(4)] + [[Plan.scale_neurons({1: [3]}, 0.0), None]]
+    expected = [vlm.next_token_logits([image] * 2, [prompts[1]] * 2, plans=p) for p in batches]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(batches))
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[i] = vlm.next_token_logits([image] * 2, [prompts[1]] * 2, plans=batches[i])
+                assert torch.equal(results[i], expected[i])
+        except BaseException as err:      # re-raised in the main thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert all(torch.equal(results[i], expected[i]) for i in range(len(batches)))
