@@ -31,19 +31,26 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import Shard, take
 from .interventions import Plan, intervene
 from .models import VLM, share_images
 from .tasks import TaskItem
 
 
-def caption_token_idf(vlm: VLM, items: Sequence[TaskItem]) -> dict[int, float]:
-    """Smoothed IDF of answer tokens over the items' images (each image's references = one document)."""
-    df: dict[int, int] = {}
-    for item in items:
+def caption_token_idf(vlm: VLM, items: Sequence[TaskItem], *, shard: Shard = Shard(),
+                      batch_size: int = 32) -> dict[int, float]:
+    """Smoothed IDF of answer tokens over the items' images (each image's references = one document).
+
+    With several processes each counts the documents of its batches; the counts are summed
+    over processes before the IDF is taken.
+    """
+    df = torch.zeros(vlm.arch.unembedding().shape[0], dtype=torch.float64)
+    for item in take(items, shard.batches(len(items), batch_size)):
         for token in {t for ref in item.targets[:5] for t in vlm.answer_token_ids(item.prompt, ref)}:
-            df[token] = df.get(token, 0) + 1
+            df[token] += 1
+    df = shard.sum(df)
     n = len(items)
-    return {token: math.log((n + 1) / (count + 1)) + 1 for token, count in df.items()}
+    return {int(token): math.log((n + 1) / (float(df[token]) + 1)) + 1 for token in df.nonzero()[:, 0].tolist()}
 
 
 def target_weights(vlm: VLM, item: TaskItem, idf: dict[int, float] | None = None) -> dict[int, float]:
@@ -79,13 +86,13 @@ def target_directions(vlm: VLM, items: Sequence[TaskItem], idf: dict[int, float]
 
 @dataclass
 class Sums:
-    """Running sums over items for one plan: Σ c `[L, I]`, Σ |z| `[L, I]` and the item count."""
+    """Running sums over items for one plan: Σ c `[L, I]`, Σ |z| `[L, I]` (float64) and the item count."""
     contributions: torch.Tensor
     abs_activation: torch.Tensor
     n: int = 0
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.contributions / self.n, self.abs_activation / self.n
+        return self.contributions.double() / self.n, self.abs_activation.double() / self.n
 
 
 @dataclass
@@ -101,12 +108,15 @@ class Attribution:
 def contribution_sums(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None], *,
                       idf: dict[int, float] | None = None, batch_size: int = 32,
                       done: dict[int, Sums] | None = None,
-                      on_plan: Callable[[int, Sums], None] | None = None, progress: bool = True) -> list[Sums]:
-    """DVP contribution sums for each plan, over all items (rows = (item, plan) pairs).
+                      on_plan: Callable[[int, Sums], None] | None = None, progress: bool = True,
+                      shard: Shard = Shard()) -> list[Sums]:
+    """DVP contribution sums for each plan, over all items (one forward per batch of items and plan).
 
     Args:
         done: sums of plans finished by an earlier run, by plan index; skipped.
-        on_plan: called with (plan index, sums) when a plan's items are all done.
+        on_plan: called with (plan index, sums) when a plan's items are all done (every process
+            calls it with the sums over all processes).
+        shard: this process's share of the batches; the sums are added up over processes.
     """
     arch = vlm.arch
     directions = target_directions(vlm, items, idf)
@@ -115,24 +125,25 @@ def contribution_sums(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan 
     done = dict(done or {})
     results: list[Sums] = []
     todo = [p for p in range(len(plans)) if p not in done]
-    bar = tqdm(total=len(todo) * len(items), desc="neurons (DVP)", disable=not progress)
+    batches = shard.batches(len(items), batch_size)
+    bar = tqdm(total=len(todo) * sum(map(len, batches)), desc="neurons (DVP)", disable=not progress)
     for p, plan in enumerate(plans):
         if p in done:
             results.append(done[p])
             continue
-        sums = Sums(torch.zeros(arch.num_layers, arch.intermediate_size),
-                    torch.zeros(arch.num_layers, arch.intermediate_size))
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        contributions = torch.zeros(arch.num_layers, arch.intermediate_size, dtype=torch.float64)
+        abs_activation = torch.zeros(arch.num_layers, arch.intermediate_size, dtype=torch.float64)
+        for batch in batches:
+            chunk = items[batch.start:batch.stop]
             inputs = vlm.encode([item.load_image() for item in chunk], [item.prompt for item in chunk]).inputs
             with intervene(arch, plan or Plan(), capture="last") as capture:
                 vlm.last_hidden(inputs)
             z = torch.stack([capture.neurons[layer].float() for layer in range(arch.num_layers)], 1)  # [b, L, I]
-            proj = projections[start:start + len(chunk)]
-            sums.contributions += (z * proj).sum(0).cpu()
-            sums.abs_activation += z.abs().sum(0).cpu()
-            sums.n += len(chunk)
+            proj = projections[batch.start:batch.stop]
+            contributions += (z * proj).double().sum(0).cpu()
+            abs_activation += z.abs().double().sum(0).cpu()
             bar.update(len(chunk))
+        sums = Sums(shard.sum(contributions), shard.sum(abs_activation), len(items))
         results.append(sums)
         if on_plan is not None:
             on_plan(p, sums)
@@ -155,20 +166,25 @@ def head_conditioned(base: torch.Tensor, ablated: dict[tuple[int, int], torch.Te
 
 def attribute(vlm: VLM, items: Sequence[TaskItem], top_heads: Sequence[tuple[int, int]],
               head_scores: torch.Tensor, *, batch_size: int = 32, done: dict[int, Sums] | None = None,
-              on_plan: Callable[[int, Sums], None] | None = None, progress: bool = True) -> Attribution:
+              on_plan: Callable[[int, Sums], None] | None = None, progress: bool = True,
+              shard: Shard = Shard()) -> Attribution:
     """HONES importance and the activation / unconditioned-DVP baselines for one task.
 
     Only heads of `top_heads` with a positive score are ablated (the others have weight 0).
+    Means, positive parts and the weighted sum are taken in float64 from the sums over all
+    processes; the matrices are returned as float32.
     """
-    idf = caption_token_idf(vlm, items) if items[0].task == "caption" else None
+    idf = (caption_token_idf(vlm, items, shard=shard, batch_size=batch_size) if items[0].task == "caption"
+           else None)
     conditioned = [tuple(h) for h in top_heads if float(head_scores[tuple(h)]) > 0]
     plans: list[Plan | None] = [None] + [Plan.ablate_heads([h]) for h in conditioned]
     sums = contribution_sums(vlm, items, plans, idf=idf, batch_size=batch_size, done=done, on_plan=on_plan,
-                             progress=progress)
+                             progress=progress, shard=shard)
     base, activation = sums[0].mean()
     ablated = {head: s.mean()[0] for head, s in zip(conditioned, sums[1:])}
     importance, fallback = head_conditioned(base, ablated, head_scores)
-    return Attribution(importance, {"activation": activation, "dvp": base}, fallback, conditioned)
+    return Attribution(importance.float(), {"activation": activation.float(), "dvp": base.float()}, fallback,
+                       conditioned)
 
 
 @torch.inference_mode()

@@ -28,6 +28,26 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="split a model too big for one device over this process's GPUs (transformers/accelerate)")
+    p.add_argument("--gpus-per-process", type=int, default=None,
+                   help="with --device-map auto under accelerate launch: GPUs each process takes (consecutive)")
+
+
+def _shard(args: argparse.Namespace):
+    """This process's shard (several when started by `accelerate launch`) and the model loaded for it."""
+    from . import distributed
+    from .models import load_vlm
+
+    shard = distributed.current(cpu=True if args.device == "cpu" else None)
+    placement = distributed.device_placement(shard, device=args.device, device_map=args.device_map,
+                                             gpus_per_process=args.gpus_per_process)
+    vlm = load_vlm(args.model, revision=args.revision, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                   **placement)
+    return shard, vlm
+
+
 def _tasks(arg: str) -> list[str]:
     return list(TASKS) if arg == "all" else [arg]
 
@@ -65,15 +85,16 @@ def _task_items(args: argparse.Namespace, data_file: str | None = None) -> dict:
 def cmd_rank(args: argparse.Namespace) -> dict:
     from .pipeline import RankParams, rank
 
-    vlm = _load(args)
+    shard, vlm = _shard(args)
     params = RankParams(utility=args.utility, top_heads=args.top_heads, top_ratio=args.top_ratio, limit=args.limit,
                         seed=args.seed, n_negatives=args.n_negatives, batch_size=args.batch_size)
-    artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params)
-    summary = {"out": args.out, "model": vlm.name, "tasks": {
+    artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params, shard=shard)
+    summary = {"out": args.out, "model": vlm.name, "processes": shard.count, "tasks": {
         task: {"top_heads": [list(h) for h in r.top_heads], "fallback": r.fallback,
                "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values())}
         for task, r in artifact.tasks.items()}}
-    print(json.dumps(summary), flush=True)
+    if shard.is_main:
+        print(json.dumps(summary), flush=True)
     return summary
 
 
@@ -81,24 +102,26 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     from . import rankings
     from .masking import evaluate_selections, jaccard, overlap_groups
 
-    vlm = _load(args)
+    shard, vlm = _shard(args)
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
     rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
     task_items = _task_items(args)
     methods = args.methods.split(",")
-    results: dict = {"ratio": args.top_ratio, "tasks": {}}
+    results: dict = {"ratio": args.top_ratio, "processes": shard.count, "tasks": {}}
     for task, items in task_items.items():
         ranking = artifact.task(task)
         selections = {m: ranking.select(m, args.top_ratio, seed=args.seed) for m in methods}
-        results["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=args.batch_size)
+        results["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=args.batch_size, shard=shard)
     if args.cross:
         hones = {task: artifact.task(task).select("hones", args.top_ratio) for task in task_items}
         results["jaccard"] = {a: {b: jaccard(hones[a], hones[b]) for b in hones} for a in hones}
-        results["cross"] = {task: evaluate_selections(vlm, task_items[task], groups, batch_size=args.batch_size)
+        results["cross"] = {task: evaluate_selections(vlm, task_items[task], groups, batch_size=args.batch_size,
+                                                      shard=shard)
                             for task, groups in overlap_groups(hones).items()}
-    print(json.dumps(results), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if shard.is_main:
+        print(json.dumps(results), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -222,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utility", default="metric", choices=["metric", "logprob"])
     p.add_argument("--top-heads", type=int, default=None, help="K_h (default: 3%% of all heads, at least 4)")
     p.add_argument("--top-ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
+    _add_placement(p)
     p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked")
@@ -234,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-ratio", type=float, default=0.01)
     p.add_argument("--cross", action="store_true", help="also Jaccard overlaps and cross-task group masking")
     p.add_argument("--json", default=None)
+    _add_placement(p)
     p.set_defaults(func=cmd_mask_eval)
 
     p = sub.add_parser("steer", help="fixed, grid-searched and learned neuron scaling; chosen on dev, "

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .evaluation import gold_logprob, predict, references
+from .distributed import Shard
 from .interventions import Plan
 from .models import VLM
 from .tasks import TaskItem
@@ -62,47 +63,68 @@ def _check_utility(utility: str) -> None:
 
 
 def utility_of(vlm: VLM, items: Sequence[TaskItem], plans: Plan | Sequence[Plan | None] | None, utility: str,
-               *, batch_size: int) -> float:
+               *, batch_size: int, shard: Shard = Shard()) -> float:
     """P_t under one plan for all items."""
-    return utilities(vlm, items, [plans], utility, batch_size=batch_size)[0]
+    return utilities(vlm, items, [plans], utility, batch_size=batch_size, shard=shard)[0]
 
 
 def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None], utility: str, *,
-              batch_size: int, progress: bool = False) -> list[float]:
-    """P_t for each plan in `plans`, computed in shared batches of (item, plan) rows."""
+              batch_size: int, progress: bool = False, shard: Shard = Shard()) -> list[float]:
+    """P_t for each plan in `plans`, computed in shared batches of (item, plan) rows.
+
+    With several processes (`shard`), each runs its share of the batches and the metric
+    statistics of every plan are summed over processes before the metric is taken.
+    """
     _check_utility(utility)
     rows = [item for _ in plans for item in items]
     row_plans = [plan for plan in plans for _ in items]
     n = len(items)
-    if utility == "logprob":
-        values = gold_logprob(vlm, rows, plans=row_plans, batch_size=batch_size)
-        return [float(values[i * n:(i + 1) * n].mean()) for i in range(len(plans))]
-    predictions = predict(vlm, rows, plans=row_plans, batch_size=batch_size, progress=progress)
-    refs = references(items)
     task = items[0].task
-    return [float(metrics.aggregate(task, predictions[i * n:(i + 1) * n], refs)) for i in range(len(plans))]
+    refs = references(items)
+    stats = torch.zeros(len(plans), 2 if utility == "logprob" else metrics.statistics_size(task),
+                        dtype=torch.float64)
+    batches = shard.batches(len(rows), batch_size)
+    for batch in tqdm(batches, desc=f"{task} ({utility})", disable=not progress, leave=False):
+        chunk, chunk_plans = [rows[i] for i in batch], [row_plans[i] for i in batch]
+        if utility == "logprob":
+            values = gold_logprob(vlm, chunk, plans=chunk_plans, batch_size=batch_size).double()
+        else:
+            predictions = predict(vlm, chunk, plans=chunk_plans, batch_size=batch_size)
+        for p in sorted({i // n for i in batch}):
+            mine = [k for k, i in enumerate(batch) if i // n == p]
+            if utility == "logprob":
+                stats[p] += torch.tensor([float(values[mine].sum()), len(mine)], dtype=torch.float64)
+            else:
+                stats[p] += torch.tensor(metrics.statistics(task, [predictions[k] for k in mine],
+                                                            [refs[batch[k] % n] for k in mine]), dtype=torch.float64)
+    stats = shard.sum(stats)
+    if utility == "logprob":
+        return [float(s[0] / s[1]) for s in stats]
+    return [float(metrics.from_statistics(task, s.tolist())) for s in stats]
 
 
 def score_heads(vlm: VLM, items: Sequence[TaskItem], *, utility: str = "metric", batch_size: int = 32,
                 done: dict[int, list[float]] | None = None, base: float | None = None,
-                on_layer: Callable[[int, list[float]], None] | None = None, progress: bool = True) -> HeadScores:
+                on_layer: Callable[[int, list[float]], None] | None = None, progress: bool = True,
+                shard: Shard = Shard()) -> HeadScores:
     """Score every head of every text layer (batched: one plan per (item, head) row).
 
     Args:
         done: scores of layers finished by an earlier run (`{layer: [score per head]}`); skipped.
         base: P_t(θ) from an earlier run (recomputed when None).
         on_layer: called with (layer, scores) after each layer, e.g. to save progress.
+        shard: this process's share of the batches when several processes run (scores are summed over them).
     """
     _check_utility(utility)
     arch = vlm.arch
     done = dict(done or {})
     if base is None:
-        base = utility_of(vlm, items, None, utility, batch_size=batch_size)
+        base = utility_of(vlm, items, None, utility, batch_size=batch_size, shard=shard)
     for layer in tqdm(range(arch.num_layers), desc=f"heads ({utility})", disable=not progress):
         if layer in done:
             continue
         plans = [Plan.ablate_heads([(layer, h)]) for h in range(arch.num_heads)]
-        ablated = utilities(vlm, items, plans, utility, batch_size=batch_size)
+        ablated = utilities(vlm, items, plans, utility, batch_size=batch_size, shard=shard)
         done[layer] = [base - value for value in ablated]
         if on_layer is not None:
             on_layer(layer, done[layer])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from .distributed import Shard
 from .interventions import Plan
 from .localization import utilities
 from .models import VLM
@@ -29,11 +30,16 @@ def drop(base: float, masked: float) -> dict[str, float]:
 
 
 def evaluate_selections(vlm: VLM, items: Sequence[TaskItem], selections: Mapping[str, Selection], *,
-                        batch_size: int = 32, factor: float = 0.0) -> dict[str, dict[str, float]]:
-    """Metric with each selection masked (or scaled by `factor`), against the unmasked model."""
+                        batch_size: int = 32, factor: float = 0.0, shard: Shard = Shard()
+                        ) -> dict[str, dict[str, float]]:
+    """Metric with each selection masked (or scaled by `factor`), against the unmasked model.
+
+    With several processes (`shard`) each runs its share of the batches; metric statistics are
+    summed over processes before the metric is taken.
+    """
     names = list(selections)
     plans = [None] + [Plan.scale_neurons(selections[name], factor) for name in names]
-    values = utilities(vlm, items, plans, "metric", batch_size=batch_size)
+    values = utilities(vlm, items, plans, "metric", batch_size=batch_size, shard=shard)
     return {name: {**drop(values[0], value), "neurons": _size(selections[name])}
             for name, value in zip(names, values[1:])}
 

@@ -168,6 +168,45 @@ def ndcg_at_k(scores: Sequence[float], positive: int, k: int = 5) -> float:
     return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
 
 
+def statistics(task: str, predictions: Sequence, references: Sequence) -> list[float]:
+    """Additive sufficient statistics of the task metric over some items.
+
+    Statistics of disjoint parts of a split add up to those of the whole split, and
+    `from_statistics` turns them into the metric: `[sum of per-item scores, items]` for the
+    per-item metrics (VQA accuracy, ANLS, NDCG@5); for corpus BLEU-4 the clipped matches and
+    totals per n-gram order and the hypothesis and reference lengths. This is how shards
+    processed apart give exactly the metric of the whole split (BLEU is not a mean of parts).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if task == "caption":
+        total = BleuStats()
+        for hyp, refs in zip(predictions, references):
+            total = total + bleu_statistics(hyp, refs)
+        return [*map(float, total.matches), *map(float, total.totals), float(total.hyp_len), float(total.ref_len)]
+    score = {"vqa": vqa_accuracy, "ocr": anls, "retrieval": ndcg_at_k}.get(task)
+    if score is None:
+        raise ValueError(f"unknown task {task!r}; tasks are vqa, ocr, caption, retrieval")
+    return [float(sum(score(p, r) for p, r in zip(predictions, references))), float(len(predictions))]
+
+
+def statistics_size(task: str) -> int:
+    """Length of `statistics(task, ...)`."""
+    return 10 if task == "caption" else 2
+
+
+def from_statistics(task: str, stats: Sequence[float]) -> float:
+    """The metric from (summed) `statistics`."""
+    if len(stats) != statistics_size(task):
+        raise ValueError(f"{task} statistics have {statistics_size(task)} entries, got {len(stats)}")
+    if task == "caption":
+        ints = [int(round(v)) for v in stats]
+        return bleu_from_statistics(BleuStats(ints[0:4], ints[4:8], ints[8], ints[9]))
+    if stats[1] <= 0:
+        raise ValueError("no predictions to score")
+    return stats[0] / stats[1]
+
+
 def aggregate(task: str, predictions: Sequence, references: Sequence) -> float:
     """The task metric over a split.
 

@@ -6,6 +6,11 @@ rename). A run killed at any point and restarted with the same arguments skips w
 done and produces the same artifact; a restart with different arguments refuses to mix
 the two and says how to start over. When every task is done the artifact is written and
 the progress folder removed.
+
+Several processes (`accelerate launch`, see `distributed`): every process reads the same
+progress folder (it must be on a file system they share), only the main process writes it,
+and what it records are sums over all processes, so a run may be resumed with another
+number of processes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from safetensors.torch import save
 from . import __version__, rankings
 from .rankings import atomic_write
 from .attribution import Sums, attribute
+from .distributed import Shard
 from .localization import default_top_heads, score_heads
 from .models import VLM
 from .tasks import TaskItem
@@ -46,9 +52,10 @@ class RankParams:
 class Progress:
     """Partial results of one rank run, on disk."""
 
-    def __init__(self, out: Path, fingerprint: str):
+    def __init__(self, out: Path, fingerprint: str, *, write: bool = True):
         self.dir = out / ".progress"
         self.fingerprint = fingerprint
+        self.write = write              # False in every process but the main one
         state_file = self.dir / "state.json"
         if state_file.exists():
             state = json.loads(state_file.read_text())
@@ -65,9 +72,12 @@ class Progress:
 
     def save(self, arguments: str) -> None:
         self.state["arguments"] = arguments
-        atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
+        if self.write:
+            atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
 
     def save_sums(self, task: str, index: int, sums: Sums) -> None:
+        if not self.write:
+            return
         data = save({"contributions": sums.contributions.contiguous(),
                      "abs_activation": sums.abs_activation.contiguous()}, metadata={"n": str(sums.n)})
         atomic_write(self.dir / f"{task}-sums-{index}.safetensors", data)
@@ -87,7 +97,7 @@ def fingerprint(vlm: VLM, data_file: str, tasks: Sequence[str], params: RankPara
 
 
 def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress: Progress, arguments: str,
-              *, show_progress: bool = True) -> rankings.TaskRanking:
+              *, show_progress: bool = True, shard: Shard = Shard()) -> rankings.TaskRanking:
     task = items[0].task
     state = progress.task(task)
     arch = vlm.arch
@@ -98,12 +108,12 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
 
     if state["base"] is None:
         head_scores = score_heads(vlm, items, utility=params.utility, batch_size=params.batch_size,
-                                  on_layer=layer_done, progress=show_progress)
+                                  on_layer=layer_done, progress=show_progress, shard=shard)
         state["base"] = head_scores.base
     else:
         done = {int(layer): scores for layer, scores in state["heads"].items()}
         head_scores = score_heads(vlm, items, utility=params.utility, batch_size=params.batch_size, done=done,
-                                  base=state["base"], on_layer=layer_done, progress=show_progress)
+                                  base=state["base"], on_layer=layer_done, progress=show_progress, shard=shard)
     progress.save(arguments)
     k = params.top_heads or default_top_heads(arch.num_layers, arch.num_heads)
     top = head_scores.top(k)
@@ -114,7 +124,7 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
         progress.save(arguments)
 
     result = attribute(vlm, items, top, head_scores.scores, batch_size=params.batch_size,
-                       done=progress.load_sums(task), on_plan=plan_done, progress=show_progress)
+                       done=progress.load_sums(task), on_plan=plan_done, progress=show_progress, shard=shard)
     notes = ("no top head lowered the utility when ablated (all S_h <= 0): importance is the unconditioned DVP"
              if result.fallback else "")
     return rankings.TaskRanking(task=task, head_scores=head_scores.scores, importance=result.importance,
@@ -122,14 +132,19 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
 
 
 def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *, data_file: str,
-         params: RankParams = RankParams(), show_progress: bool = True) -> rankings.Rankings:
-    """Rank heads and neurons for every task of `task_items`; write the artifact to `out`."""
+         params: RankParams = RankParams(), show_progress: bool = True, shard: Shard = Shard()) -> rankings.Rankings:
+    """Rank heads and neurons for every task of `task_items`; write the artifact to `out`.
+
+    With several processes, call it in every process with the same arguments and its own
+    `shard`; all return the same artifact and the main process writes it.
+    """
     out = Path(out)
     key, arguments = fingerprint(vlm, data_file, list(task_items), params)
-    progress = Progress(out, key)
+    progress = Progress(out, key, write=shard.is_main)
     results = {}
     for task, items in task_items.items():
-        results[task] = rank_task(vlm, items, params, progress, arguments, show_progress=show_progress)
+        results[task] = rank_task(vlm, items, params, progress, arguments, show_progress=show_progress and shard.is_main,
+                                  shard=shard)
     model = rankings.ModelInfo.from_arch(vlm.arch, id=vlm.name, revision=vlm.revision)
     artifact = rankings.Rankings(
         model=model, tasks=results,
@@ -137,6 +152,8 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
                                                                                      vlm.arch.num_heads)},
         data={"file": Path(data_file).name, "items": {t: len(i) for t, i in task_items.items()}},
         created_with=f"hones_core {__version__}")
-    rankings.save(artifact, out)
-    shutil.rmtree(progress.dir)
+    if shard.is_main:
+        rankings.save(artifact, out)
+        shutil.rmtree(progress.dir)
+    shard.barrier()                      # every process returns once the artifact is on disk
     return artifact

@@ -72,14 +72,21 @@ def toy_vlm():
 
 
 @pytest.fixture(scope="session")
-def toy_records(tmp_path_factory):
-    """A small fresh split of the synthetic world (a seed never used in training)."""
-    from hones_core.data import read_records
+def toy_world(tmp_path_factory):
+    """Folder of a small fresh split of the synthetic world (a seed never used in training)."""
     from hones_core.toy import world
 
     out = tmp_path_factory.mktemp("world")
     world.write_world(out, seed=4242, n_discovery=24, n_dev=1, n_test=1, progress=False)
-    return read_records(out / "discovery.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_records(toy_world):
+    """The records of `toy_world`'s discovery split."""
+    from hones_core.data import read_records
+
+    return read_records(toy_world / "discovery.json")
 
 
 @pytest.fixture(scope="session")

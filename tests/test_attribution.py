@@ -19,7 +19,8 @@ def test_dvp_contribution_is_activation_times_projection(toy_vlm, toy_items):
     layer = 2
     expected = cap.neurons[layer][0] * (toy_vlm.arch.layers[layer].down_proj.weight.detach().T @ u)
     single = contribution_sums(toy_vlm, [item], [None], progress=False)[0]
-    torch.testing.assert_close(single.contributions[layer], expected, rtol=1e-5, atol=1e-6)
+    assert single.contributions.dtype == torch.float64      # summed in float64 (exact reductions)
+    torch.testing.assert_close(single.contributions[layer].float(), expected, rtol=1e-5, atol=1e-6)
     assert sums.n == 3 and single.n == 1
     one = item_contributions(toy_vlm, item.load_image(), item.prompt, target_weights(toy_vlm, item), [None])
     torch.testing.assert_close(one[0, layer], expected, rtol=1e-5, atol=1e-6)

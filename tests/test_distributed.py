@@ -1,0 +1,201 @@
+"""Sharding rank and mask-eval over processes with accelerate (gloo on CPU).
+
+The multi-process runs go through the real launcher, `accelerate launch`, which starts
+torch.distributed workers; results must not depend on the number of processes.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hones_core import distributed, metrics, rankings
+from hones_core.distributed import Shard
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "assets" / "toy-vlm"
+RANK_ARGS = ["--model", str(TOY), "--device", "cpu", "--task", "all", "--limit", "6", "--batch-size", "4",
+             "--n-negatives", "4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(processes: int, *args: str) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "hones_core", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "hones_core", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _run(processes: int, *args: str) -> str:
+    done = subprocess.run(_command(processes, *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"{processes} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _kill_after_first_layer(args: list[str], state_file: Path) -> None:
+    """Start a 2-process run and SIGKILL all its processes once one layer of head scores is recorded."""
+    launcher = subprocess.Popen(_command(2, *args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if state_file.exists() and any(t["heads"] for t in json.loads(state_file.read_text())["tasks"].values()):
+                break
+            time.sleep(0.05)
+        assert launcher.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
+@pytest.fixture(scope="module")
+def ranked(toy_world, tmp_path_factory):
+    """The same rank run in 1 process, and in 2 processes killed after one layer and resumed."""
+    out = tmp_path_factory.mktemp("ranked")
+    data = str(toy_world / "discovery.json")
+    args = {n: ["rank", *RANK_ARGS, "--data", data, "--out", str(out / str(n))] for n in (1, 2)}
+    stdout = {1: _run(1, *args[1])}
+    state_file = out / "2" / ".progress" / "state.json"
+    _kill_after_first_layer(args[2], state_file)
+    killed_state = json.loads(state_file.read_text())
+    assert not (out / "2" / "manifest.json").exists()
+    stdout[2] = _run(2, *args[2])
+    summaries = {}
+    for processes, text in stdout.items():
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, f"one JSON summary expected from {processes} process(es), got {text!r}"
+        summaries[processes] = lines[0]
+    return out, data, summaries, killed_state
+
+
+def test_one_and_two_processes_give_the_same_rankings_even_after_a_kill(ranked):
+    out, _, summaries, killed_state = ranked
+    assert summaries[1]["processes"] == 1 and summaries[2]["processes"] == 2
+    # the 2-process run was killed part way (some layers of the first task done, not all tasks)
+    first = killed_state["tasks"]["vqa"]
+    assert 1 <= len(first["heads"]) and len(killed_state["tasks"]) < 4
+    one, two = rankings.load(out / "1"), rankings.load(out / "2")
+    assert set(one.tasks) == set(two.tasks) == {"vqa", "ocr", "caption", "retrieval"}
+    for task in one.tasks:
+        a, b = one.tasks[task], two.tasks[task]
+        torch.testing.assert_close(a.head_scores, b.head_scores, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.importance, b.importance, rtol=0, atol=1e-6)
+        for name in a.baselines:
+            torch.testing.assert_close(a.baselines[name], b.baselines[name], rtol=0, atol=1e-6)
+        assert a.top_heads == b.top_heads
+        for method in ("hones", "activation", "dvp", "random"):
+            assert a.select(method, 0.01) == b.select(method, 0.01), (task, method)
+    # the heads were really scored: some head changes every task's metric on these items
+    assert all(float(one.tasks[t].head_scores.abs().max()) > 0 for t in one.tasks)
+    assert not (out / "2" / ".progress").exists()
+
+
+def test_mask_eval_with_two_processes_matches_one(ranked, tmp_path):
+    out, data, _, _ = ranked
+    results = {}
+    for processes in (1, 2):
+        json_file = tmp_path / f"{processes}.json"
+        args = [a if a != "all" else "caption" for a in RANK_ARGS]      # BLEU: reduced from n-gram statistics
+        _run(processes, "mask-eval", *args, "--data", data, "--rankings", str(out / "1"), "--top-ratio", "0.05",
+             "--json", str(json_file))
+        results[processes] = json.loads(json_file.read_text())
+    one, two = results[1], results[2]
+    assert two["processes"] == 2 and list(one["tasks"]) == ["caption"]
+    for task, methods in one["tasks"].items():
+        for method, values in methods.items():
+            for key in ("base", "masked", "abs_drop"):
+                assert values[key] == pytest.approx(two["tasks"][task][method][key], abs=1e-9), (task, method, key)
+    # masking 5 % of the neurons moves the caption metric for at least one method
+    assert any(v["abs_drop"] != 0 for v in one["tasks"]["caption"].values())
+
+
+def test_batches_are_dealt_round_robin_and_cover_every_row():
+    for n, size, count in [(10, 3, 2), (7, 4, 3), (2, 4, 3), (0, 4, 2)]:
+        shards = [Shard(i, count) for i in range(count)]
+        dealt = [b for s in shards for b in s.batches(n, size)]
+        assert sorted(i for b in dealt for i in b) == list(range(n))
+        assert sorted((b.start, b.stop) for b in dealt) == [(b.start, b.stop) for b in Shard().batches(n, size)]
+        for s in shards:
+            assert all(b.start // size % count == s.index for b in s.batches(n, size))
+    with pytest.raises(ValueError, match="not a valid shard"):
+        Shard(2, 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        Shard().batches(4, 0)
+
+
+def test_metric_statistics_of_parts_add_up_to_the_whole_split():
+    hyps = ["a red circle on the left", "two blue squares", "a green triangle at the top", "nothing here"]
+    refs = [["a red circle on the left side"], ["two blue squares"], ["a green triangle near the top"],
+            ["a yellow star"]]
+    parts = [metrics.statistics("caption", hyps[:1], refs[:1]), metrics.statistics("caption", hyps[1:], refs[1:])]
+    summed = [a + b for a, b in zip(*parts)]
+    assert metrics.from_statistics("caption", summed) == pytest.approx(metrics.corpus_bleu(hyps, refs), abs=1e-12)
+    # BLEU of the parts averaged is not the corpus BLEU: averaging shards would be wrong
+    assert (metrics.from_statistics("caption", parts[0]) + metrics.from_statistics("caption", parts[1])) / 2 != \
+        pytest.approx(metrics.corpus_bleu(hyps, refs), abs=1e-3)
+    vqa = [("2", ["2"]), ("red", ["blue"]), ("left", ["left"])]
+    stats = [metrics.statistics("vqa", [p], [r]) for p, r in vqa]
+    total = [sum(col) for col in zip(*stats)]
+    assert metrics.from_statistics("vqa", total) == pytest.approx(2 / 3)
+    ndcg = metrics.statistics("retrieval", [[0.1, 0.9, 0.2], [0.5, 0.4, 0.3]], [1, 2])
+    assert metrics.from_statistics("retrieval", ndcg) == pytest.approx((1 + 1 / 2) / 2)
+    with pytest.raises(ValueError, match="no predictions"):
+        metrics.from_statistics("ocr", [0.0, 0.0])
+    with pytest.raises(ValueError, match="10 entries"):
+        metrics.from_statistics("caption", [1.0, 2.0])
+
+
+def test_one_process_without_a_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    shard = distributed.current()
+    assert (shard.index, shard.count, shard.is_main, shard.distributed) == (0, 1, True, False)
+    x = torch.arange(3, dtype=torch.float32)
+    assert torch.equal(shard.sum(x), x.double())
+    assert distributed.device_placement(shard, device="cpu", device_map=None, gpus_per_process=None) == \
+        {"device": "cpu"}
+
+
+def test_placement_errors_name_the_fix():
+    two = Shard(1, 2, device="cpu")
+    assert distributed.device_placement(two, device=None, device_map=None, gpus_per_process=None) == {"device": "cpu"}
+    with pytest.raises(ValueError, match="only applies with --device-map auto"):
+        distributed.device_placement(two, device=None, device_map=None, gpus_per_process=2)
+    with pytest.raises(ValueError, match="either --device or --device-map"):
+        distributed.device_placement(Shard(), device="cpu", device_map="auto", gpus_per_process=None)
+    with pytest.raises(ValueError, match="takes 'auto'"):
+        distributed.device_placement(Shard(), device=None, device_map="balanced", gpus_per_process=None)
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(ValueError, match="needs GPUs"):
+            distributed.device_placement(two, device=None, device_map="auto", gpus_per_process=1)
+        assert distributed.device_placement(Shard(), device=None, device_map="auto", gpus_per_process=None) == \
+            {"device_map": "auto"}
+
+
+def test_device_map_auto_loads_the_toy_vlm_on_cpu(toy_vlm, toy_items):
+    from hones_core.models import load_vlm
+
+    vlm = load_vlm(TOY, device_map="auto", max_memory=None)
+    assert {p.device.type for p in vlm.model.parameters()} == {"cpu"}
+    items = toy_items("caption")[:2]
+    images, prompts = [i.load_image() for i in items], [i.prompt for i in items]
+    assert vlm.generate(images, prompts) == toy_vlm.generate(images, prompts)
+    with pytest.raises(ValueError, match="either device or device_map"):
+        load_vlm(TOY, device="cpu", device_map="auto")
