@@ -40,10 +40,37 @@ def _chunks(n: int, size: int):
         yield range(start, min(start + size, n))
 
 
-def _row_plans(plans: Plan | Sequence[Plan | None] | None, rows: range):
+def _row_plans(plans: Plan | Sequence[Plan | None] | None, rows: Sequence[int]):
     if plans is None or isinstance(plans, Plan):
         return plans
-    return [plans[i] for i in rows]
+    return _flatten([plans[i] for i in rows])
+
+
+def _grouped(items: Sequence[TaskItem]) -> list[int]:
+    """Item indices in an order that puts repeats of one item (the same object) next to each other.
+
+    Callers such as head localization pass (item, plan) rows plan by plan; run in this order,
+    a batch holds each item under several plans, so its image is processed once, the vision
+    tower runs once for it (`models.share_images`) and the decoder layers before the first
+    layer where the plans differ run once (`models.share_prefix`). Each row's result does not
+    depend on the order.
+    """
+    first: dict[int, int] = {}
+    return sorted(range(len(items)), key=lambda i: (first.setdefault(id(items[i]), i), i))
+
+
+class _Images:
+    """Each item's image, loaded once per call however many rows repeat the item."""
+
+    def __init__(self, items: Sequence[TaskItem]):
+        self.items = items
+        self.loaded: dict[int, object] = {}
+
+    def __getitem__(self, i: int):
+        key = id(self.items[i])
+        if key not in self.loaded:
+            self.loaded[key] = self.items[i].load_image()
+        return self.loaded[key]
 
 
 def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
@@ -51,7 +78,8 @@ def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan 
     """Model outputs for `items` (all of one task): cleaned answers, or candidate scores for retrieval.
 
     Args:
-        plans: one plan for every item, or one per item (same order as `items`).
+        plans: one plan for every item, or one per item (same order as `items`). `items` may
+            repeat an item (one row per (item, plan)): repeats share their image and batch.
     """
     if not items:
         raise ValueError("no items to evaluate")
@@ -61,28 +89,32 @@ def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan 
     if plans is not None and not isinstance(plans, Plan) and len(plans) != len(items):
         raise ValueError(f"{len(plans)} plans for {len(items)} items")
     bar = tqdm(total=len(items), desc=f"{task}", disable=not progress, leave=False)
-    outputs: list = []
+    outputs: list = [None] * len(items)
+    order = _grouped(items)
+    images = _Images(items)
     if task == "retrieval":
         yes, no = vlm.yes_no_ids()
-        for rows in _chunks(len(items), max(1, batch_size // 4)):
-            images, prompts, row_plans, owners = [], [], [], []
+        for chunk in _chunks(len(items), max(1, batch_size // 4)):
+            rows = [order[j] for j in chunk]
+            row_images, prompts, row_plans, owners = [], [], [], []
             for i in rows:
-                image = items[i].load_image()
                 for prompt in items[i].candidate_prompts:
-                    images.append(image)
+                    row_images.append(images[i])
                     prompts.append(prompt)
                     owners.append(i)
                     row_plans.append(plans if plans is None or isinstance(plans, Plan) else plans[i])
-            logits = vlm.next_token_logits(images, prompts, plans=_flatten(row_plans))
+            logits = vlm.next_token_logits(row_images, prompts, plans=_flatten(row_plans))
             margin = (logits[:, yes] - logits[:, no]).tolist()
             for i in rows:
-                outputs.append([m for m, owner in zip(margin, owners) if owner == i])
+                outputs[i] = [m for m, owner in zip(margin, owners) if owner == i]
             bar.update(len(rows))
     else:
-        for rows in _chunks(len(items), batch_size):
-            answers = vlm.generate([items[i].load_image() for i in rows], [items[i].prompt for i in rows],
+        for chunk in _chunks(len(items), batch_size):
+            rows = [order[j] for j in chunk]
+            answers = vlm.generate([images[i] for i in rows], [items[i].prompt for i in rows],
                                    max_new_tokens=max_new_tokens, plans=_row_plans(plans, rows))
-            outputs.extend(clean_answer(a, task) for a in answers)
+            for i, answer in zip(rows, answers):
+                outputs[i] = clean_answer(answer, task)
             bar.update(len(rows))
     bar.close()
     return outputs
@@ -113,10 +145,19 @@ def evaluate(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan
 @torch.inference_mode()
 def gold_logprob(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
                  batch_size: int = 16) -> torch.Tensor:
-    """Teacher-forced mean log-probability per answer token of each item's gold answer, `[n]`."""
-    out = []
-    for rows in _chunks(len(items), batch_size):
-        out.append(vlm.answer_logprobs([items[i].load_image() for i in rows], [items[i].prompt for i in rows],
-                                       [items[i].answer for i in rows], plans=_row_plans(plans, rows),
-                                       reduction="mean"))
-    return torch.cat(out)
+    """Teacher-forced mean log-probability per answer token of each item's gold answer, `[n]`.
+
+    Repeats of an item (rows (item, plan)) are batched together, like in `predict`.
+    """
+    if plans is not None and not isinstance(plans, Plan) and len(plans) != len(items):
+        raise ValueError(f"{len(plans)} plans for {len(items)} items")
+    out = torch.empty(len(items))
+    order = _grouped(items)
+    images = _Images(items)
+    for chunk in _chunks(len(items), batch_size):
+        rows = [order[j] for j in chunk]
+        values = vlm.answer_logprobs([images[i] for i in rows], [items[i].prompt for i in rows],
+                                     [items[i].answer for i in rows], plans=_row_plans(plans, rows),
+                                     reduction="mean")
+        out[rows] = values.to(out.dtype).cpu()
+    return out

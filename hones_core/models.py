@@ -525,16 +525,45 @@ class VLM:
         return separator, (stop[0] if stop else eos)
 
     def _images(self, images: Sequence[ImageLike]) -> list:
-        loaded = [load_image(img) for img in images]
-        return [[img] for img in loaded] if self.arch.family.nested_images else loaded
+        """Images as the processor wants them; an image given for several rows is loaded once."""
+        loaded: dict = {}
+        out = [loaded[key] if key in loaded else loaded.setdefault(key, load_image(img))
+               for key, img in ((_image_key(img), img) for img in images)]
+        return [[img] for img in out] if self.arch.family.nested_images else out
 
     def _process(self, texts: list[str], images: Sequence[ImageLike]) -> dict:
+        """Processor outputs for (text, image) rows on the model's device.
+
+        Rows that repeat an earlier row (the same image object or path, the same text) are
+        processed once and copied, for families whose processor outputs are all batch-first
+        (one row per prompt); the result is what processing every row gives, since padding
+        depends only on the longest row. Qwen2-VL / Qwen2.5-VL (patches of all images
+        concatenated) process every row.
+        """
         if len(texts) != len(images):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
         if not texts:
             raise ValueError("empty batch: give at least one (image, prompt) pair")
-        batch = self.processor(text=texts, images=self._images(images), padding=True, return_tensors="pt")
-        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        first: dict = {}
+        inverse = [first.setdefault((_image_key(img), text), len(first)) for img, text in zip(images, texts)]
+        if len(first) == len(texts) or self.arch.family.vision is None:
+            batch = self.processor(text=texts, images=self._images(images), padding=True, return_tensors="pt")
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        rows: list[int] = []          # the first row of each distinct (image, text), in order
+        for i, j in enumerate(inverse):
+            if j == len(rows):
+                rows.append(i)
+        batch = self.processor(text=[texts[i] for i in rows], images=self._images([images[i] for i in rows]),
+                               padding=True, return_tensors="pt")
+        index = torch.tensor(inverse)
+        out = {}
+        for key, value in batch.items():
+            if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != len(rows):
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise UnsupportedModelError(f"{self.name}: the processor returned {key} {shape} for {len(rows)} "
+                                            "rows; only batch-first outputs can be copied to repeated rows")
+            out[key] = value.index_select(0, index).to(self.device)
+        return out
 
     def answer_token_ids(self, prompt: str, answer: str, *, with_stop: bool = False) -> list[int]:
         """The token ids the model emits for `answer` after the chat prompt of `prompt`."""
@@ -652,6 +681,11 @@ class VLM:
             raise TemplateError(f"{self.name}: 'Yes' and 'No' start with the same token ({yes}); retrieval "
                                 "scores logit(Yes) - logit(No) and cannot work with this tokenizer")
         return yes, no
+
+
+def _image_key(image: ImageLike) -> tuple:
+    """Rows carry the same image when they carry the same object or the same path."""
+    return ("pil", id(image)) if isinstance(image, Image.Image) else ("path", str(image))
 
 
 def load_image(image: ImageLike) -> Image.Image:
