@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -50,3 +57,53 @@ def bench_rank(vlm: VLM, items: Sequence[TaskItem], *, batch_size: int = 64) -> 
                         "max_abs_diff": float((reference.scores - batched.scores).abs().max())}
     out["spearman_metric_vs_logprob"] = round(spearman(scores["metric"], scores["logprob"]), 4)
     return out
+
+
+def launch_command(processes: int, args: Sequence[str]) -> list[str]:
+    """`python -m hones_core ARGS` for one process, `accelerate launch ... -m hones_core ARGS` for several."""
+    if processes == 1:
+        return [sys.executable, "-m", "hones_core", *args]
+    with socket.socket() as s:            # a free port, so runs side by side do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), "-m", "hones_core", *args]
+
+
+def bench_processes(rank_args: Sequence[str], processes: Sequence[int], *, n_items: int,
+                    workdir: str | None = None) -> dict:
+    """Wall time of the same `rank` run with each number of processes (CPU, gloo), and the equality check.
+
+    Every run is a fresh command, model loading included, exactly as a user runs it. Throughput
+    is discovery items ranked per second (all stages: head scores and DVP passes).
+    """
+    from . import rankings
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="bench-processes-"))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    runs: dict = {}
+    for count in processes:
+        out = root / f"{count}"
+        if out.exists():
+            raise FileExistsError(f"{out} exists; give an empty --workdir (progress there would be resumed)")
+        command = launch_command(count, ["rank", *rank_args, "--out", str(out)])
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"rank with {count} process(es) failed:\n{done.stderr[-4000:]}")
+        runs[count] = {"wall_s": round(wall, 2), "items_per_s": round(n_items / wall, 3)}
+    base = min(processes)
+    reference = rankings.load(root / str(base))
+    for count in processes:
+        runs[count]["speedup"] = round(runs[base]["wall_s"] / runs[count]["wall_s"], 2)
+        other = rankings.load(root / str(count))
+        runs[count]["max_abs_diff"] = max(
+            float((getattr(reference.tasks[t], name) - getattr(other.tasks[t], name)).abs().max())
+            for t in reference.tasks for name in ("head_scores", "importance"))
+        runs[count]["same_top_sets"] = all(
+            reference.tasks[t].select("hones", 0.01) == other.tasks[t].select("hones", 0.01) for t in reference.tasks)
+    return {"items": n_items, "cores": os.cpu_count(), "threads_1_process": torch.get_num_threads(),
+            "note": "several processes: accelerate launch sets OMP_NUM_THREADS=1 per process",
+            "processes": {str(k): v for k, v in runs.items()}, "outputs": str(root)}

@@ -173,7 +173,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_bench_rank(args: argparse.Namespace) -> dict:
     from .bench import bench_rank
 
-    vlm = _load(args)
+    vlm = None if args.processes else _load(args)
     data_file = args.data
     if data_file is None:   # a fresh split of the synthetic world
         from .toy import world
@@ -183,6 +183,16 @@ def cmd_bench_rank(args: argparse.Namespace) -> dict:
                           progress=False)
         data_file = str(tmp / "discovery.json")
     items = _task_items(args, data_file)[args.task]
+    if args.processes:
+        from .bench import bench_processes
+
+        counts = sorted({int(n) for n in args.processes.split(",")})
+        rank_args = ["--model", args.model, "--data", data_file, "--task", args.task, "--limit", str(len(items)),
+                     "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--n-negatives",
+                     str(args.n_negatives), "--device", "cpu", "--dtype", args.dtype]
+        result = bench_processes(rank_args, counts, n_items=len(items), workdir=args.processes_workdir)
+        print(json.dumps(result), flush=True)
+        return result
     result = bench_rank(vlm, items, batch_size=args.batch_size)
     print(json.dumps(result), flush=True)
     return result
@@ -301,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-negatives", type=int, default=9)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workdir", default=None, help="where the generated split goes (default runs/bench-world)")
+    p.add_argument("--processes", default=None,
+                   help="e.g. 1,2: instead, time the whole rank command on the CPU with each number of processes "
+                        "(accelerate launch, gloo) and check that the artifacts agree")
+    p.add_argument("--processes-workdir", default=None,
+                   help="empty folder for those runs' artifacts (default: a temp dir)")
     p.set_defaults(func=cmd_bench_rank)
 
     p = sub.add_parser("toy-data", help="generate the synthetic world (images + merged-COCO JSON splits)")

@@ -143,8 +143,8 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
     progress = Progress(out, key, write=shard.is_main)
     results = {}
     for task, items in task_items.items():
-        results[task] = rank_task(vlm, items, params, progress, arguments, show_progress=show_progress and shard.is_main,
-                                  shard=shard)
+        results[task] = rank_task(vlm, items, params, progress, arguments,
+                                  show_progress=show_progress and shard.is_main, shard=shard)
     model = rankings.ModelInfo.from_arch(vlm.arch, id=vlm.name, revision=vlm.revision)
     artifact = rankings.Rankings(
         model=model, tasks=results,
