@@ -7,9 +7,7 @@ torch.distributed workers; results must not depend on the number of processes.
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from hones_core import distributed, metrics, rankings
+from hones_core.bench import launch_command
 from hones_core.distributed import Shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,18 +24,8 @@ RANK_ARGS = ["--model", str(TOY), "--device", "cpu", "--task", "all", "--limit",
              "--n-negatives", "4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(processes: int, *args: str) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "hones_core", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "hones_core", *args]
+    return launch_command(processes, args)
 
 
 def _env() -> dict:
