@@ -120,8 +120,7 @@ def contribution_sums(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan 
     """
     arch = vlm.arch
     directions = target_directions(vlm, items, idf)
-    down = torch.stack([layer.down_proj.weight.detach().float() for layer in arch.layers])  # [L, hidden, I]
-    projections = torch.einsum("nd,ldi->nli", directions.to(down.device), down)             # [n, L, I]
+    down = [layer.down_proj.weight for layer in arch.layers]        # [hidden, I] each, on its layer's device
     done = dict(done or {})
     results: list[Sums] = []
     todo = [p for p in range(len(plans)) if p not in done]
@@ -138,10 +137,12 @@ def contribution_sums(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan 
             inputs = vlm.encode([item.load_image() for item in chunk], [item.prompt for item in chunk]).inputs
             with intervene(arch, plan or Plan(), capture="last") as capture:
                 vlm.last_hidden(inputs)
-            z = torch.stack([capture.neurons[layer].float() for layer in range(arch.num_layers)], 1)  # [b, L, I]
-            proj = projections[batch.start:batch.stop]
-            contributions += (z * proj).double().sum(0).cpu()
-            abs_activation += z.abs().double().sum(0).cpu()
+            u = directions[batch.start:batch.stop]
+            for layer in range(arch.num_layers):     # layer by layer: a split model keeps each on its own GPU
+                z = capture.neurons[layer].float()                                   # [b, I]
+                proj = u.to(z.device) @ down[layer].detach().to(z.device).float()   # <W_down[:, i], u_y>, [b, I]
+                contributions[layer] += (z * proj).double().sum(0).cpu()
+                abs_activation[layer] += z.abs().double().sum(0).cpu()
             bar.update(len(chunk))
         sums = Sums(shard.sum(contributions), shard.sum(abs_activation), len(items))
         results.append(sums)
