@@ -23,6 +23,7 @@ repeats, so every row's result is the one it gets alone (see `share_images`).
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import warnings
 import weakref
@@ -493,6 +494,8 @@ class VLM:
         self.tokenizer.padding_side = "left"
         self.arch = Architecture(model)
         self.name, self.revision = name, revision
+        self._chat_prompts = functools.lru_cache(maxsize=4096)(self._render_chat_prompt)
+        self._answer_ids = functools.lru_cache(maxsize=4096)(self._tokenize_answer)
         if getattr(processor, "chat_template", None) is None:
             raise TemplateError(f"{name}: the processor has no chat template; HONES prompts need one")
         self.answer_separator, self.stop_token_id = self._read_template()
@@ -503,7 +506,13 @@ class VLM:
         return next(self.model.parameters()).device
 
     def chat_prompt(self, prompt: str) -> str:
-        """The user turn (one image + `prompt`) in the model's chat template, ready for the answer."""
+        """The user turn (one image + `prompt`) in the model's chat template, ready for the answer.
+
+        Rendered once per distinct prompt (a bounded, thread-safe cache): batches repeat prompts.
+        """
+        return self._chat_prompts(prompt)
+
+    def _render_chat_prompt(self, prompt: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -567,6 +576,10 @@ class VLM:
 
     def answer_token_ids(self, prompt: str, answer: str, *, with_stop: bool = False) -> list[int]:
         """The token ids the model emits for `answer` after the chat prompt of `prompt`."""
+        ids = list(self._answer_ids(prompt, answer))
+        return ids + [self.stop_token_id] if with_stop else ids
+
+    def _tokenize_answer(self, prompt: str, answer: str) -> tuple[int, ...]:
         chat = self.chat_prompt(prompt)
         head = self.tokenizer(chat)["input_ids"]
         full = self.tokenizer(chat + self.answer_separator + answer)["input_ids"]
@@ -574,8 +587,7 @@ class VLM:
             raise TemplateError(
                 f"{self.name}: tokenising prompt+answer changes the prompt's last tokens (answer {answer!r}); "
                 "the answer cannot be scored exactly as generation would produce it")
-        ids = full[len(head):]
-        return ids + [self.stop_token_id] if with_stop else ids
+        return tuple(full[len(head):])
 
     def encode(self, images: Sequence[ImageLike], prompts: Sequence[str],
                answers: Sequence[str] | None = None, *, with_stop: bool = False) -> Encoded:
@@ -606,12 +618,17 @@ class VLM:
     def _context(arch: Architecture, plans: Plans):
         return nullcontext() if plans is None else intervene(arch, plans)
 
+    @staticmethod
+    def _sharing(arch: Architecture, rows: int):
+        """`share_rows` for a batch of several rows; a single row has nothing to share."""
+        return share_rows(arch) if rows > 1 else nullcontext()
+
     @torch.inference_mode()
     def generate(self, images: Sequence[ImageLike], prompts: Sequence[str], *, max_new_tokens: int = 24,
                  plans: Plans = None) -> list[str]:
         """Greedy answers, one per (image, prompt), special tokens removed and stripped."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), share_rows(self.arch):
+        with self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
             out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -626,7 +643,7 @@ class VLM:
                           plans: Plans = None) -> torch.Tensor:
         """Logits of the first answer token, `[batch, vocab]` float32."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), share_rows(self.arch):
+        with self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
             hidden = self.last_hidden(inputs, use_cache=False)
         return self.unembed(hidden[:, -1:, :])[:, 0, :]
 
@@ -650,7 +667,7 @@ class VLM:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
         encoded = self.encode(images, prompts, answers)
-        with torch.inference_mode(), self._context(self.arch, plans), share_rows(self.arch):
+        with torch.inference_mode(), self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
             token_logp, mask = self.token_logprobs(encoded)
         total = (token_logp * mask).sum(-1)
         return total if reduction == "sum" else total / mask.sum(-1)
@@ -664,7 +681,7 @@ class VLM:
         if labels is None:
             raise ValueError("token_logprobs needs an Encoded batch built with answers")
         n = int((labels != -100).sum(-1).max())
-        logits = self.unembed(self.last_hidden(encoded.inputs)[:, -(n + 1):-1])
+        logits = self.unembed(self.last_hidden(encoded.inputs, use_cache=False)[:, -(n + 1):-1])
         targets = labels[:, -n:]
         mask = (targets != -100).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
