@@ -165,7 +165,7 @@ class _TowerSharing(RefCountedHooks):
                 raise UnsupportedModelError(
                     f"{type(module).__name__} got a tensor input of shape {tuple(value.shape)} next to {rows} image "
                     "rows; only towers whose tensor inputs are all one row per image can be shared")
-        keep, inverse = _distinct_rows(per_row, rows)
+        keep, inverse = _distinct_rows(per_row, rows, None)
         if len(keep) == rows:
             return None
         index = torch.tensor(keep, device=per_row[0].device)
@@ -179,21 +179,6 @@ class _TowerSharing(RefCountedHooks):
             return None
         inverse, kept = pending
         return _spread(output, inverse, kept, type(module).__name__)
-
-
-def _distinct_rows(tensors: list[torch.Tensor], rows: int) -> tuple[list[int], list[int]]:
-    """Rows to run (the first of each group of exactly equal rows) and, per row, its index among them."""
-    keep: list[int] = []
-    inverse: list[int] = []
-    for row in range(rows):
-        for j, kept in enumerate(keep):
-            if all(torch.equal(t[row], t[kept]) for t in tensors):
-                inverse.append(j)
-                break
-        else:
-            inverse.append(len(keep))
-            keep.append(row)
-    return keep, inverse
 
 
 def _spread(value, inverse: torch.Tensor, kept: int, tower: str):
@@ -313,23 +298,31 @@ def _row_kwargs(kwargs: dict, rows: int, where: str) -> list[torch.Tensor]:
     return per_row
 
 
-def _checksums(hidden: torch.Tensor) -> list[int]:
-    """An exact (integer) checksum of each row's bits: equal rows always get equal numbers."""
-    flat = hidden.reshape(hidden.shape[0], -1)
-    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size())
-    if not flat.is_floating_point() or bits is None:
-        return [0] * hidden.shape[0]
-    return flat.view(bits).sum(1, dtype=torch.int64).tolist()
+def _checksums(tensor: torch.Tensor) -> list[int]:
+    """An exact integer checksum of each row's values: equal rows always get equal numbers."""
+    flat = tensor.reshape(tensor.shape[0], -1)
+    if flat.is_floating_point():
+        bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size())
+        if bits is None:
+            return [0] * tensor.shape[0]
+        flat = flat.view(bits)
+    return flat.sum(1, dtype=torch.int64).tolist()
 
 
-def _distinct_rows_keyed(tensors: list[torch.Tensor], rows: int, classes: list[int] | None
-                         ) -> tuple[list[int], list[int]]:
-    """`_distinct_rows` where rows must also share a plan class; a checksum of `tensors[0]` picks candidates."""
+def _distinct_rows(tensors: list[torch.Tensor], rows: int, classes: list[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """Rows to run (the first of each group of exactly equal rows) and, per row, its index among them.
+
+    Rows are equal when every tensor is `torch.equal` row by row and (with `classes`) their
+    classes agree; exact integer checksums pick the candidates, so each row is compared with
+    the few kept rows of the same checksum only.
+    """
     keep: list[int] = []
     inverse: list[int] = []
-    buckets: dict[tuple[int, int], list[int]] = {}
-    for row, checksum in enumerate(_checksums(tensors[0])):
-        candidates = buckets.setdefault((classes[row] if classes is not None else 0, checksum), [])
+    buckets: dict[tuple, list[int]] = {}
+    sums = list(zip(*(_checksums(t) for t in tensors)))
+    for row in range(rows):
+        candidates = buckets.setdefault((classes[row] if classes is not None else 0, *sums[row]), [])
         for j in candidates:
             if all(torch.equal(t[row], t[keep[j]]) for t in tensors):
                 inverse.append(j)
@@ -395,7 +388,10 @@ class _PrefixSharing(RefCountedHooks):
                 return None
             extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             per_row = [hidden, *_row_kwargs(extra, rows, where)]
-            keep, inverse = _distinct_rows_keyed(per_row, rows, plan_classes(self.arch, index, rows))
+            classes = plan_classes(self.arch, index, rows)
+            if classes is not None and len(set(classes)) == rows:     # every row has its own plan here
+                return None
+            keep, inverse = _distinct_rows(per_row, rows, classes)
             if len(keep) == rows:
                 return None
             kept = torch.tensor(keep, device=hidden.device)
