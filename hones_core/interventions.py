@@ -10,6 +10,12 @@ counted, removed when the last one exits), and each hook reads the plan of *its 
 thread/task from a `contextvars.ContextVar`. A hook finding no plan does nothing, so plain
 runs and other threads' runs are untouched and no lock is held during forward passes.
 
+When `models.share_prefix` runs a decoder layer on some rows only (the distinct ones), it
+sets a `RowView` for that layer (also per context): the hooks then take the kept rows of
+the per-row plan tables and copy captured activations back to every row, so plans and
+captures mean the same as in an unshared run. `plan_classes` tells which rows' plans act
+alike at a layer, which is what decides whether rows may share it.
+
 Semantics (DESIGN.md section 3):
 - head h of layer l, mean replacement: at every position, head h's slice of the
   concatenated head outputs (the input of `o_proj`) is replaced by the mean of the other

@@ -18,6 +18,16 @@ steered rows of one picture (the app), or retrieval candidates of one picture, p
 vision tower once. Duplicates are found with `torch.equal` on every per-row input of the
 tower, never assumed; the rows actually run are exactly those of an unshared run, minus the
 repeats, so every row's result is the one it gets alone (see `share_images`).
+
+Rows with the same input whose plans agree up to some layer share the text decoder up to
+that layer: inside `share_prefix(arch)` each decoder layer of a prefill pass runs once per
+group of rows whose inputs are bitwise equal and whose plans act alike at that layer, and
+its outputs and KV-cache entries are copied back to every row, so decoding steps run on
+the whole batch unchanged. The app's base and steered rows share the layers before the first
+steered layer, head localization's (item, head of layer l) rows share layers < l.
+`share_rows` opens both blocks; `VLM.generate`, `next_token_logits` and `answer_logprobs`
+run batches of several rows inside it. Repeated (image, text) rows are also processed by
+the processor only once (`VLM._process`).
 """
 
 from __future__ import annotations
@@ -298,9 +308,17 @@ def _row_kwargs(kwargs: dict, rows: int, where: str) -> list[torch.Tensor]:
     return per_row
 
 
+_CHECKSUM_SAMPLES = 4096
+
+
 def _checksums(tensor: torch.Tensor) -> list[int]:
-    """An exact integer checksum of each row's values: equal rows always get equal numbers."""
+    """A cheap exact integer checksum of each row, over an evenly strided sample of its values.
+
+    Equal rows always get equal numbers (integer sums of the same bits); rows that differ only
+    outside the sample share a number and are told apart by `torch.equal`.
+    """
     flat = tensor.reshape(tensor.shape[0], -1)
+    flat = flat[:, ::max(1, flat.shape[1] // _CHECKSUM_SAMPLES)].contiguous()
     if flat.is_floating_point():
         bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size())
         if bits is None:
@@ -314,15 +332,15 @@ def _distinct_rows(tensors: list[torch.Tensor], rows: int, classes: list[int] | 
     """Rows to run (the first of each group of exactly equal rows) and, per row, its index among them.
 
     Rows are equal when every tensor is `torch.equal` row by row and (with `classes`) their
-    classes agree; exact integer checksums pick the candidates, so each row is compared with
-    the few kept rows of the same checksum only.
+    classes agree; checksums of the first tensor pick the candidates, so each row is compared
+    with the few kept rows of the same checksum only.
     """
     keep: list[int] = []
     inverse: list[int] = []
     buckets: dict[tuple, list[int]] = {}
-    sums = list(zip(*(_checksums(t) for t in tensors)))
+    sums = _checksums(tensors[0])
     for row in range(rows):
-        candidates = buckets.setdefault((classes[row] if classes is not None else 0, *sums[row]), [])
+        candidates = buckets.setdefault((classes[row] if classes is not None else 0, sums[row]), [])
         for j in candidates:
             if all(torch.equal(t[row], t[keep[j]]) for t in tensors):
                 inverse.append(j)
