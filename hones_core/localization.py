@@ -76,9 +76,11 @@ def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None],
     statistics of every plan are summed over processes before the metric is taken.
     """
     _check_utility(utility)
-    rows = [item for _ in plans for item in items]
-    row_plans = [plan for plan in plans for _ in items]
-    n = len(items)
+    # item-major rows: a batch holds each item under all plans, so its image is processed once
+    # and the layers before the first one where the plans differ run once (models.share_prefix)
+    k = len(plans)
+    rows = [item for item in items for _ in plans]
+    row_plans = [plan for _ in items for plan in plans]
     task = items[0].task
     refs = references(items)
     stats = torch.zeros(len(plans), 2 if utility == "logprob" else metrics.statistics_size(task),
@@ -90,13 +92,13 @@ def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None],
             values = gold_logprob(vlm, chunk, plans=chunk_plans, batch_size=batch_size).double()
         else:
             predictions = predict(vlm, chunk, plans=chunk_plans, batch_size=batch_size)
-        for p in sorted({i // n for i in batch}):
-            mine = [k for k, i in enumerate(batch) if i // n == p]
+        for p in sorted({r % k for r in batch}):
+            mine = [j for j, r in enumerate(batch) if r % k == p]      # positions in the batch of plan p's rows
             if utility == "logprob":
                 stats[p] += torch.tensor([float(values[mine].sum()), len(mine)], dtype=torch.float64)
             else:
-                stats[p] += torch.tensor(metrics.statistics(task, [predictions[k] for k in mine],
-                                                            [refs[batch[k] % n] for k in mine]), dtype=torch.float64)
+                stats[p] += torch.tensor(metrics.statistics(task, [predictions[j] for j in mine],
+                                                            [refs[batch[j] // k] for j in mine]), dtype=torch.float64)
     stats = shard.sum(stats)
     if utility == "logprob":
         return [float(s[0] / s[1]) for s in stats]
