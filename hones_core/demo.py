@@ -7,7 +7,7 @@ A request is (image, task inputs, neuron set, budget, factor). The service
    row 1 with the selected neurons scaled), capturing the FFN activations at the last prompt
    position on the way, so the write-in contributions cost nothing extra; the rows carry the
    same image, so the vision tower runs once for both, and so do the decoder layers before the
-   first steered layer (`models.share_rows`),
+   first steered layer (`models.share_rows`, via `VLM.sharing`),
 3. caches the base result per (image, task inputs): moving only the slider re-runs only the
    steered row,
 4. draws the plots and writes the results JSON.
@@ -43,7 +43,7 @@ from . import metrics, plots
 from . import rankings as rankings_lib
 from .data import DataFormatError, draw_ocr_box
 from .interventions import NeuronScale, Plan, intervene
-from .models import VLM, load_vlm, share_rows
+from .models import VLM, load_vlm
 from .tasks import TASKS, caption_prompt, clean_answer, ocr_prompt, retrieval_prompt, vqa_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -507,7 +507,7 @@ class DemoService:
             k = len(request.prompts)
             plans = [p for p in row_plans for _ in range(k)]
             inputs = vlm.encode([request.image] * (k * n_rows), list(request.prompts) * n_rows).inputs
-            with intervene(vlm.arch, plans, capture="last") as capture, share_rows(vlm.arch):
+            with intervene(vlm.arch, plans, capture="last") as capture, vlm.sharing(len(plans)):
                 hidden = vlm.last_hidden(inputs, use_cache=False)
             logits = vlm.unembed(hidden[:, -1:, :])[:, 0, :]
             all_margins = (logits[:, self.yes_no[0]] - logits[:, self.yes_no[1]]).tolist()
@@ -521,7 +521,7 @@ class DemoService:
                                                                                 base.target), None)
         else:
             encoded = vlm.encode([request.image] * n_rows, [request.prompts[0]] * n_rows).inputs
-            with intervene(vlm.arch, row_plans, capture="last") as capture, share_rows(vlm.arch):
+            with intervene(vlm.arch, row_plans, capture="last") as capture, vlm.sharing(n_rows):
                 out = vlm.model.generate(**encoded, **vlm.generation_kwargs(self.max_new_tokens))
             new = out[:, encoded["input_ids"].shape[1]:]
             answers = [clean_answer(t, request.task) for t in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]

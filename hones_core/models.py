@@ -632,17 +632,16 @@ class VLM:
     def _context(arch: Architecture, plans: Plans):
         return nullcontext() if plans is None else intervene(arch, plans)
 
-    @staticmethod
-    def _sharing(arch: Architecture, rows: int):
-        """`share_rows` for a batch of several rows; a single row has nothing to share."""
-        return share_rows(arch) if rows > 1 else nullcontext()
+    def sharing(self, rows: int):
+        """`share_rows` for a batch of several rows; a single row has nothing to share (no hooks)."""
+        return share_rows(self.arch) if rows > 1 else nullcontext()
 
     @torch.inference_mode()
     def generate(self, images: Sequence[ImageLike], prompts: Sequence[str], *, max_new_tokens: int = 24,
                  plans: Plans = None) -> list[str]:
         """Greedy answers, one per (image, prompt), special tokens removed and stripped."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
+        with self._context(self.arch, plans), self.sharing(len(prompts)):
             out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -657,7 +656,7 @@ class VLM:
                           plans: Plans = None) -> torch.Tensor:
         """Logits of the first answer token, `[batch, vocab]` float32."""
         inputs = self.encode(images, prompts).inputs
-        with self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
+        with self._context(self.arch, plans), self.sharing(len(prompts)):
             hidden = self.last_hidden(inputs, use_cache=False)
         return self.unembed(hidden[:, -1:, :])[:, 0, :]
 
@@ -681,7 +680,7 @@ class VLM:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
         encoded = self.encode(images, prompts, answers)
-        with torch.inference_mode(), self._context(self.arch, plans), self._sharing(self.arch, len(prompts)):
+        with torch.inference_mode(), self._context(self.arch, plans), self.sharing(len(prompts)):
             token_logp, mask = self.token_logprobs(encoded)
         total = (token_logp * mask).sum(-1)
         return total if reduction == "sum" else total / mask.sum(-1)
