@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .distributed import Shard, take
 from .interventions import Plan, intervene
-from .models import VLM, share_images
+from .models import VLM
 from .tasks import TaskItem
 
 
@@ -199,7 +199,7 @@ def item_contributions(vlm: VLM, image, prompt: str, target_tokens: dict[int, fl
     direction = (w[:, None] * unembedding[ids]).sum(0)
     direction = direction / direction.norm().clamp_min(1e-12)
     inputs = vlm.encode([image] * len(plans), [prompt] * len(plans)).inputs
-    with intervene(arch, list(plans), capture="last") as capture, share_images(arch):   # one image, many rows
+    with intervene(arch, list(plans), capture="last") as capture, vlm.sharing(len(plans)):   # one image, many rows
         vlm.last_hidden(inputs)
     out = []
     for layer in range(arch.num_layers):
