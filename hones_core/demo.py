@@ -355,6 +355,7 @@ class DemoService:
         rankings_lib.check_against(artifact, vlm.arch, model_id=vlm.name)
         self.vlm, self.artifact, self.max_new_tokens = vlm, artifact, max_new_tokens
         self.base_cache = _LRU(cache_size)
+        self.input_cache = _LRU(cache_size)            # processor outputs per (image, prompts)
         self.sweep_cache = _LRU(cache_size)
         self.figure_cache = _LRU(64)
         self.yes_no = vlm.yes_no_ids()
@@ -506,7 +507,7 @@ class DemoService:
         if request.task == "retrieval":
             k = len(request.prompts)
             plans = [p for p in row_plans for _ in range(k)]
-            inputs = vlm.encode([request.image] * (k * n_rows), list(request.prompts) * n_rows).inputs
+            inputs = self._inputs(request, n_rows)
             with intervene(vlm.arch, plans, capture="last") as capture, vlm.sharing(len(plans)):
                 hidden = vlm.last_hidden(inputs, use_cache=False)
             logits = vlm.unembed(hidden[:, -1:, :])[:, 0, :]
@@ -520,7 +521,7 @@ class DemoService:
             steered = SteeredResult([], all_margins[offset:], self._contributions(capture.neurons, offset + base.row,
                                                                                 base.target), None)
         else:
-            encoded = vlm.encode([request.image] * n_rows, [request.prompts[0]] * n_rows).inputs
+            encoded = self._inputs(request, n_rows)
             with intervene(vlm.arch, row_plans, capture="last") as capture, vlm.sharing(n_rows):
                 out = vlm.model.generate(**encoded, **vlm.generation_kwargs(self.max_new_tokens))
             new = out[:, encoded["input_ids"].shape[1]:]
@@ -537,6 +538,26 @@ class DemoService:
                                     gold_lp[-1] if gold_lp else None)
             return Computed(base, steered, n_rows == 1, time.perf_counter() - start)
         return Computed(base, steered, n_rows == 1, time.perf_counter() - start)
+
+    def _inputs(self, request: Request, copies: int) -> dict:
+        """Processor outputs for `copies` copies of the request's rows (one per prompt).
+
+        One copy is cached per (image, prompts), which a slider move changes neither of, so moving
+        the slider does not run the processor again. Families whose processor outputs are not one
+        row per prompt (Qwen2-VL / Qwen2.5-VL: patches of all images in one tensor) are processed
+        every time.
+        """
+        vlm, k = self.vlm, len(request.prompts)
+        if vlm.arch.family.vision is None:
+            return vlm.encode([request.image] * (k * copies), list(request.prompts) * copies).inputs
+        key = (request.image_key, request.prompts)
+        single = self.input_cache.get(key)
+        if single is None:
+            single = vlm.encode([request.image] * k, list(request.prompts)).inputs
+            if not all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == k for v in single.values()):
+                return vlm.encode([request.image] * (k * copies), list(request.prompts) * copies).inputs
+            self.input_cache.put(key, single)
+        return {name: value.repeat(copies, *[1] * (value.dim() - 1)) for name, value in single.items()}
 
     @torch.inference_mode()
     def compute_sweep(self, request: Request, base: BaseResult, factors: Sequence[float] = SWEEP_FACTORS) -> list[float]:

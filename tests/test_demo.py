@@ -87,6 +87,34 @@ def test_slider_only_change_runs_only_the_steered_row_from_cache(demo_service, e
     assert again.results["steered"]["answer"] == fresh.steered.answers[0]
 
 
+def test_slider_moves_reuse_the_processed_inputs(toy_vlm, app_rankings, examples, monkeypatch):
+    """The processor runs once per (image, prompts); moving the slider re-uses its outputs."""
+    service = DemoService(toy_vlm, rankings.load(app_rankings))
+    processed = []
+    original = toy_vlm._process
+
+    def counting(texts, images):
+        processed.append(len(texts))
+        return original(texts, images)
+    monkeypatch.setattr(toy_vlm, "_process", counting)
+    for task in ("vqa", "retrieval"):
+        example = examples[task][0]
+        processed.clear()
+        first = service.compute(_request(service, example, factor=0.0, gold=None))
+        assert len(processed) == 1
+        moved = [service.compute(_request(service, example, factor=f, gold=None), first.base) for f in (2.5, 0.5, 2.5)]
+        assert len(processed) == 1, f"{task}: the slider moves ran the processor again"
+        # the same request from a service with nothing cached gives the same numbers
+        fresh = DemoService(toy_vlm, service.artifact).compute(_request(service, example, factor=2.5, gold=None))
+        assert moved[0].steered.answers == moved[2].steered.answers == fresh.steered.answers
+        assert moved[0].steered.margins == moved[2].steered.margins == fresh.steered.margins
+        np.testing.assert_array_equal(moved[0].steered.contributions, fresh.steered.contributions)
+        # another question is another input: processed anew
+        if task == "vqa":
+            service.compute(_request(service, example, question="How many shapes are there?", gold=None))
+            assert len(processed) == 3
+
+
 def test_factor_one_is_the_identity_and_zero_masks(demo_service, examples):
     changed = 0
     for task in TASKS:
