@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -37,6 +38,7 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
+@functools.lru_cache(maxsize=1 << 16)     # the same gold answers are normalised once per head plan
 def normalize_vqa_answer(text: str) -> str:
     """VQAv2 answer normalisation: punctuation, number words -> digits, articles, contractions."""
     original = text.replace("\n", " ").replace("\t", " ").strip().lower()
