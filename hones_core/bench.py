@@ -75,35 +75,41 @@ def bench_processes(rank_args: Sequence[str], processes: Sequence[int], *, n_ite
                     workdir: str | None = None) -> dict:
     """Wall time of the same `rank` run with each number of processes (CPU, gloo), and the equality check.
 
-    Every run is a fresh command, model loading included, exactly as a user runs it. Throughput
-    is discovery items ranked per second (all stages: head scores and DVP passes).
+    Every run is a fresh command, model loading and process start-up included, exactly as a
+    user runs it. Throughput is discovery items ranked per second (head scores and DVP passes).
+    One process runs twice: with torch's default threads (all cores) and with one thread, the
+    setting `accelerate launch` gives each of several processes (OMP_NUM_THREADS=1), so the
+    per-process scaling can be read apart from the threading.
     """
     from . import rankings
 
     root = Path(workdir or tempfile.mkdtemp(prefix="bench-processes-"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    configs = [(str(n), n, None) for n in processes]
+    if 1 in processes:
+        configs.insert(processes.index(1) + 1, ("1, 1 thread", 1, "1"))
     runs: dict = {}
-    for count in processes:
-        out = root / f"{count}"
+    for label, count, threads in configs:
+        out = root / label.replace(", ", "-").replace(" ", "")
         if out.exists():
-            raise FileExistsError(f"{out} exists; give an empty --workdir (progress there would be resumed)")
+            raise FileExistsError(f"{out} exists; give an empty --processes-workdir (progress there would be resumed)")
         command = launch_command(count, ["rank", *rank_args, "--out", str(out)])
         start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env={**env, **({"OMP_NUM_THREADS": threads} if threads else {})},
+                              capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"rank with {count} process(es) failed:\n{done.stderr[-4000:]}")
-        runs[count] = {"wall_s": round(wall, 2), "items_per_s": round(n_items / wall, 3)}
-    base = min(processes)
-    reference = rankings.load(root / str(base))
-    for count in processes:
-        runs[count]["speedup"] = round(runs[base]["wall_s"] / runs[count]["wall_s"], 2)
-        other = rankings.load(root / str(count))
-        runs[count]["max_abs_diff"] = max(
+            raise RuntimeError(f"rank with {label} process(es) failed:\n{done.stderr[-4000:]}")
+        runs[label] = {"wall_s": round(wall, 2), "items_per_s": round(n_items / wall, 3), "out": out}
+    reference = rankings.load(runs[configs[0][0]]["out"])
+    for label, entry in runs.items():
+        other = rankings.load(entry.pop("out"))
+        entry["speedup_vs_first"] = round(runs[configs[0][0]]["wall_s"] / entry["wall_s"], 2)
+        entry["max_abs_diff"] = max(
             float((getattr(reference.tasks[t], name) - getattr(other.tasks[t], name)).abs().max())
             for t in reference.tasks for name in ("head_scores", "importance"))
-        runs[count]["same_top_sets"] = all(
+        entry["same_top_sets"] = all(
             reference.tasks[t].select("hones", 0.01) == other.tasks[t].select("hones", 0.01) for t in reference.tasks)
-    return {"items": n_items, "cores": os.cpu_count(), "threads_1_process": torch.get_num_threads(),
+    return {"items": n_items, "cores": os.cpu_count(), "default_threads": torch.get_num_threads(),
             "note": "several processes: accelerate launch sets OMP_NUM_THREADS=1 per process",
-            "processes": {str(k): v for k, v in runs.items()}, "outputs": str(root)}
+            "runs": runs, "outputs": str(root)}
