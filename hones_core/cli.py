@@ -173,7 +173,6 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_bench_rank(args: argparse.Namespace) -> dict:
     from .bench import bench_rank
 
-    vlm = None if args.processes else _load(args)
     data_file = args.data
     if data_file is None:   # a fresh split of the synthetic world
         from .toy import world
@@ -189,11 +188,13 @@ def cmd_bench_rank(args: argparse.Namespace) -> dict:
         counts = sorted({int(n) for n in args.processes.split(",")})
         rank_args = ["--model", args.model, "--data", data_file, "--task", args.task, "--limit", str(len(items)),
                      "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--n-negatives",
-                     str(args.n_negatives), "--device", "cpu", "--dtype", args.dtype]
+                     str(args.n_negatives), "--device", "cpu", "--dtype", args.dtype,
+                     *(["--revision", args.revision] if args.revision else []),
+                     *(["--trust-remote-code"] if args.trust_remote_code else [])]
         result = bench_processes(rank_args, counts, n_items=len(items), workdir=args.processes_workdir)
         print(json.dumps(result), flush=True)
         return result
-    result = bench_rank(vlm, items, batch_size=args.batch_size)
+    result = bench_rank(_load(args), items, batch_size=args.batch_size)
     print(json.dumps(result), flush=True)
     return result
 
