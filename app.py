@@ -5,79 +5,169 @@ Layout and wiring only; everything shown is computed by `hones_core.demo`.
     python app.py                       # bundled toy VLM + bundled rankings, offline
     HONES_MODEL=HuggingFaceTB/SmolVLM-256M-Instruct HONES_RANKINGS=you/hones-smolvlm python app.py
     python app.py --help
+
+Start-up checks what it can before anything heavy loads: arguments and environment
+variables are parsed (and `--help` answered) before torch and gradio are imported, and the
+port and the examples folder are checked before the model loads. Every start-up problem
+ends with one paragraph on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 import tempfile
+from pathlib import Path
 
 try:   # ZeroGPU: `spaces` must be imported before anything touches CUDA
     import spaces
 except ImportError:
     spaces = None
 
-import gradio as gr
+from hones_core.assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS
 
-from hones_core import demo as service_lib
-from hones_core.demo import PLOTS, DemoConfigError, DemoInputError, DemoService
+LOG = logging.getLogger("hones.app")
+DEFAULT_HOST, DEFAULT_PORT, DEFAULT_CONCURRENCY = "127.0.0.1", 7860, 4
 
 PLOT_TITLES = {"heads": "Head scores", "layers": "Where the selected neurons are",
                "contributions": "Top neuron contributions (this input)", "layer_sums": "Contributions per layer",
                "overlap": "Cross-task overlap", "sweep": "Steering strength"}
-TABLE_HEADERS = ["base rank", "steered rank", "candidate", "base Yes−No", "steered Yes−No", "Δ"]
+TABLE_HEADERS = ["base rank", "steered rank", "candidate", "base margin", "steered margin", "Δ margin"]
+TABLE_WIDTHS = ["90px", "100px", "auto", "105px", "120px", "100px"]
+GOLD_LABELS = {"vqa": "Gold answer (optional)", "ocr": "Gold text (optional)",
+               "caption": "Reference caption (optional)", "retrieval": "True caption (optional)"}
+GOLD_INFO = "Scored against both answers when given. Retrieval: one of the candidates, copied exactly."
+STALE = "_Not computed: the last request failed._"
 INTRO = """# HONES: heads → neurons → steering
 Pick a task and an example (or upload an image), choose which FFN neurons to scale and by how much, and press
 **Run**. The base model and the steered model (the selected neurons' activations × the factor) answer side by
 side; the plots show which heads the task depends on, which neurons were chosen, and what they write towards the
 answer for this input."""
+CSS = """
+#ranking table { table-layout: auto; }
+#ranking th, #ranking td { white-space: normal; word-break: normal; overflow-wrap: normal; }
+"""
 
 
-def image_path_input(**kwargs) -> gr.Image:
-    """A `gr.Image` upload whose handler receives the uploaded file's path unopened.
+class StartupError(Exception):
+    """The app cannot start; the message says what was wrong and what to do."""
 
-    `gr.Image` opens every upload with PIL before the handler runs, so a non-image or a
-    decompression bomb would fail there with a generic error; `hones_core.demo.open_image`
-    opens it with size limits and a clear message instead. (Set on the instance: a subclass
-    of a gradio component makes gradio write a .pyi file next to this one.)
-    """
-    component = gr.Image(type="filepath", **kwargs)
-    component.preprocess = lambda payload: None if payload is None else str(payload.path)
-    return component
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; give an integer from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number; give an integer from 1 to 65535")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} requests at a time cannot serve anyone; give 1 or more")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, else environment variables, else defaults; a bad value exits with code 2 and its name."""
     env = os.environ.get
-    p = argparse.ArgumentParser(description="Serve the HONES app (base vs steered answers with attribution plots). "
-                                            "Every flag can also be set by the environment variable named in [].")
-    p.add_argument("--model", default=env("HONES_MODEL", service_lib.DEFAULT_MODEL),
-                   help="[HONES_MODEL] Hub model id or local directory (default: the bundled toy VLM)")
-    p.add_argument("--rankings", default=env("HONES_RANKINGS", service_lib.DEFAULT_RANKINGS),
-                   help="[HONES_RANKINGS] Hub dataset repo or local folder with the rankings artifact "
-                        "(default: the bundled toy-VLM rankings)")
+    p = argparse.ArgumentParser(
+        description="Serve the HONES app (base vs steered answers with attribution plots). Every flag can also be "
+                    "set by the environment variable named in [].",
+)
+    p.add_argument("--model", default=env("HONES_MODEL", DEFAULT_MODEL),
+                   help=f"[HONES_MODEL] Hub model id or local directory (default: the bundled toy VLM, {DEFAULT_MODEL})")
+    p.add_argument("--rankings", default=env("HONES_RANKINGS", DEFAULT_RANKINGS),
+                   help=f"[HONES_RANKINGS] Hub dataset repo or local folder with the rankings artifact (default: the "
+                        f"bundled toy-VLM rankings, {DEFAULT_RANKINGS})")
     p.add_argument("--revision", default=env("HONES_REVISION"),
-                   help="[HONES_REVISION] revision (branch, tag, commit) for both the model and the rankings repo")
+                   help="[HONES_REVISION] revision (branch, tag, commit) for both the model and the rankings repo; "
+                        "unset: each repo's default branch")
     p.add_argument("--model-revision", default=env("HONES_MODEL_REVISION"),
                    help="[HONES_MODEL_REVISION] model revision (overrides --revision)")
     p.add_argument("--rankings-revision", default=env("HONES_RANKINGS_REVISION"),
                    help="[HONES_RANKINGS_REVISION] rankings revision (overrides --revision)")
-    p.add_argument("--examples", default=env("HONES_EXAMPLES", str(service_lib.DEFAULT_EXAMPLES)),
-                   help="[HONES_EXAMPLES] folder with examples.json and its images")
-    p.add_argument("--device", default=env("HONES_DEVICE"), help="[HONES_DEVICE] cpu, cuda, ... (default: auto)")
-    p.add_argument("--host", default=env("HONES_HOST", env("GRADIO_SERVER_NAME", "127.0.0.1")),
-                   help="[HONES_HOST] address to listen on (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=int(env("HONES_PORT", env("GRADIO_SERVER_PORT", "7860"))),
-                   help="[HONES_PORT] port")
-    p.add_argument("--concurrency", type=int, default=int(env("HONES_CONCURRENCY", "4")),
-                   help="[HONES_CONCURRENCY] requests processed at the same time")
-    return p.parse_args(argv)
+    p.add_argument("--examples", default=env("HONES_EXAMPLES", str(DEFAULT_EXAMPLES)),
+                   help=f"[HONES_EXAMPLES] folder with examples.json and its images (default: {DEFAULT_EXAMPLES})")
+    p.add_argument("--device", default=env("HONES_DEVICE"),
+                   help="[HONES_DEVICE] cpu, cuda, cuda:1, ...; unset: CUDA when available, else cpu")
+    p.add_argument("--host", default=env("HONES_HOST", env("GRADIO_SERVER_NAME", DEFAULT_HOST)),
+                   help=f"[HONES_HOST, GRADIO_SERVER_NAME] address to listen on; 0.0.0.0 for all interfaces "
+                        f"(default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=_port, default=None,
+                   help=f"[HONES_PORT, GRADIO_SERVER_PORT] port (default: {DEFAULT_PORT})")
+    p.add_argument("--concurrency", type=_positive, default=None,
+                   help=f"[HONES_CONCURRENCY] requests processed at the same time (default: {DEFAULT_CONCURRENCY})")
+    args = p.parse_args(argv)
+    for attr, names, convert, default in (("port", ("HONES_PORT", "GRADIO_SERVER_PORT"), _port, DEFAULT_PORT),
+                                          ("concurrency", ("HONES_CONCURRENCY",), _positive, DEFAULT_CONCURRENCY)):
+        if getattr(args, attr) is not None:
+            continue
+        name = next((n for n in names if env(n) not in (None, "")), None)
+        if name is None:
+            setattr(args, attr, default)
+            continue
+        try:
+            setattr(args, attr, convert(env(name)))
+        except argparse.ArgumentTypeError as err:
+            p.error(f"{name}={env(name)!r}: {err} (or unset it; --{attr} overrides it)")
+    return args
 
 
-def load_service(args: argparse.Namespace) -> DemoService:
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds, before the model loads (gradio would fail only after it)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as err:
+        raise StartupError(
+            f"port {port} on {host} is not free ({err.strerror or err}): another program (maybe another copy of "
+            f"this app) is listening there. Stop it, or pick another port with --port N or HONES_PORT=N.") from None
+
+
+def check_examples(folder: str | Path):
+    """The examples of a folder, read before the model loads.
+
+    Raises:
+        StartupError: the folder is missing, unreadable, or its examples.json is malformed.
+    """
+    from hones_core.data import DataFormatError
+    from hones_core.demo import read_examples
+
+    path = Path(folder).expanduser()
+    where = "set --examples / HONES_EXAMPLES to a folder holding examples.json and its images"
+    if not path.is_dir():
+        raise StartupError(f"the examples folder {path} does not exist (or is not a folder): {where}, "
+                           f"or leave it unset for the bundled examples.")
+    try:
+        return read_examples(path)
+    except PermissionError as err:
+        raise StartupError(f"the examples folder {path} cannot be read ({err.strerror}: {err.filename}): make it "
+                           f"readable by this user, or {where}.") from None
+    except DataFormatError as err:
+        raise StartupError(f"the examples file is malformed: {err}. Fix it (format in README, 'Examples gallery') "
+                           f"or {where}.") from None
+
+
+def load_service(args: argparse.Namespace):
+    from hones_core.demo import DemoService
+
     return DemoService.load(args.model, args.rankings, model_revision=args.model_revision or args.revision,
                             rankings_revision=args.rankings_revision or args.revision, device=args.device)
+
+
+# --------------------------------------------------------------------------- the page
 
 
 def _on_gpu(fn):
@@ -92,24 +182,50 @@ def _example_row(task: str, entry: dict) -> list:
     return [entry["image"], *extra, entry.get("answer", "")]
 
 
-def build_app(service: DemoService, examples_dir: str | None = None) -> gr.Blocks:
-    examples = service_lib.read_examples(examples_dir or service_lib.DEFAULT_EXAMPLES)
+def _raw(component):
+    """Hand the component's raw payload to the handler: `hones_core.demo` validates it with our messages.
+
+    `gr.Image` would open every upload with PIL first (a non-image or a decompression bomb would
+    fail there with PIL's text); `gr.Slider` / `gr.Number` would reject a non-number with an
+    empty message. (Set on the instance: a subclass of a gradio component makes gradio write a
+    .pyi file next to this one.)
+    """
+    component.preprocess = lambda payload: payload
+    return component
+
+
+def image_path_input(**kwargs):
+    """A `gr.Image` upload whose handler receives the uploaded file's path unopened."""
+    import gradio as gr
+
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = lambda payload: None if payload is None else str(payload.path)
+    return component
+
+
+def build_app(service, examples_dir: str | None = None, examples: dict | None = None):
+    import gradio as gr
+
+    from hones_core import demo as service_lib
+    from hones_core.demo import PLOTS, DemoInputError
+
+    if examples is None:
+        examples = service_lib.read_examples(examples_dir or DEFAULT_EXAMPLES)
     results_dir = tempfile.mkdtemp(prefix="hones-results-")
     compute = _on_gpu(service.compute)
     compute_sweep = _on_gpu(service.compute_sweep)
     available, unavailable = service.tasks, service.unavailable()
     first = available[0]
+    keys = [k for k in PLOTS if k != "sweep"]
 
     with gr.Blocks(title="HONES: heads → neurons → steering") as app:
         gr.Markdown(INTRO)
-        task = gr.Textbox(first, visible=False, elem_id="task")   # the selected tab; an API input too
+        task = gr.Textbox(first, visible=False, label="task", elem_id="task")   # the selected tab; an API input
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"],
-                                  elem_id="image")
-                gold = gr.Textbox(label="Gold answer (optional; for retrieval the true caption)", elem_id="gold",
-                                  render=False)
-                boxes = {}
+                image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"], elem_id="image")
+                gold = gr.Textbox(label=GOLD_LABELS[first], info=GOLD_INFO, elem_id="gold", render=False)
+                boxes, tabs = {}, {}
                 with gr.Tabs(selected=first):
                     for name in service_lib.TASKS:
                         title = service_lib.TASK_TITLES[name]
@@ -118,6 +234,7 @@ def build_app(service: DemoService, examples_dir: str | None = None) -> gr.Block
                             if name not in available:
                                 gr.Markdown(f"Not available: {unavailable[name]}.")
                                 continue
+                            tabs[name] = tab
                             if name == "vqa":
                                 boxes[name] = gr.Textbox(label="Question", max_lines=3, elem_id="question",
                                                          placeholder="What color is the circle?")
@@ -129,20 +246,19 @@ def build_app(service: DemoService, examples_dir: str | None = None) -> gr.Block
                             else:
                                 boxes[name] = gr.Textbox(label="Candidate captions, one per line (2–10)", lines=5,
                                                          elem_id="candidates")
-                            tab.select(lambda n=name: n, outputs=task, queue=False, show_progress="hidden",
-                                       api_visibility="private")
                             rows = examples.get(name, [])
                             if rows:
                                 extra = [boxes[name]] if name in boxes else []
                                 gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
-                                            label=f"{service_lib.TASK_TITLES[name]} examples", examples_per_page=8)
+                                            label=f"{title} examples", examples_per_page=8)
                 gold.render()
-                hidden = {n: boxes.get(n) or gr.Textbox(visible=False) for n in ("vqa", "ocr", "retrieval")}
+                hidden = {n: boxes.get(n) or gr.Textbox(visible=False, label=f"{n} input")
+                          for n in ("vqa", "ocr", "retrieval")}
                 question_box, bbox_box, candidates_box = hidden["vqa"], hidden["ocr"], hidden["retrieval"]
-                factor = gr.Slider(service_lib.FACTOR_MIN, service_lib.FACTOR_MAX, value=0.0, step=0.05,
-                                   label="Scaling factor (1 = unchanged, 0 = neurons masked)", elem_id="factor")
-                budget = gr.Number(value=1.0, label="Neuron budget (% of all FFN neurons, top of the ranking)",
-                                   elem_id="budget")
+                factor = _raw(gr.Slider(service_lib.FACTOR_MIN, service_lib.FACTOR_MAX, value=0.0, step=0.05,
+                                        label="Scaling factor (1 = unchanged, 0 = neurons masked)", elem_id="factor"))
+                budget = _raw(gr.Number(value=1.0, label="Neuron budget (% of all FFN neurons, top of the ranking)",
+                                        elem_id="budget"))
                 method = gr.Dropdown(choices=service.methods(first), value="hones", label="Neuron set",
                                      elem_id="method")
                 run = gr.Button("Run", variant="primary", elem_id="run")
@@ -152,38 +268,44 @@ def build_app(service: DemoService, examples_dir: str | None = None) -> gr.Block
                                                      color_map={"removed": "#f4a6a6"}, show_legend=False)
                     steered_answer = gr.HighlightedText(label="Steered model", elem_id="steered-answer",
                                                         color_map={"added": "#a6e3b8"}, show_legend=False)
-                summary = gr.Markdown(elem_id="summary")
+                summary = gr.Markdown(label="Summary", elem_id="summary")
                 table = gr.Dataframe(headers=TABLE_HEADERS, visible=False, interactive=False, wrap=True,
-                                     label="Candidates ranked by Yes−No margin", elem_id="ranking")
+                                     column_widths=TABLE_WIDTHS, label="Candidates ranked by Yes−No margin",
+                                     elem_id="ranking")
                 plot_images, plot_captions = {}, {}
                 for i in range(0, len(PLOTS), 2):
                     with gr.Row():
                         for key in PLOTS[i:i + 2]:
                             with gr.Column(min_width=260):
-                                plot_images[key] = gr.Image(label=PLOT_TITLES[key], type="pil", interactive=False,
-                                                            elem_id=f"plot-{key}", buttons=["download"])
-                                plot_captions[key] = gr.Markdown(elem_id=f"caption-{key}")
+                                # no label badge or buttons: they would cover the figure's title and legend
+                                plot_images[key] = gr.Image(label=PLOT_TITLES[key], show_label=False, type="pil",
+                                                            interactive=False, elem_id=f"plot-{key}", buttons=[])
+                                plot_captions[key] = gr.Markdown(label=f"{PLOT_TITLES[key]} (caption)",
+                                                                 elem_id=f"caption-{key}")
                 download = gr.File(label="Download results (JSON)", elem_id="download")
         last = gr.State(None)
 
         inputs = [task, image, question_box, bbox_box, candidates_box, gold, factor, budget, method]
-        outputs = [base_answer, steered_answer, summary, table,
-                   *[plot_images[k] for k in PLOTS if k != "sweep"], *[plot_captions[k] for k in PLOTS if k != "sweep"],
-                   download, last]
+        outputs = [base_answer, steered_answer, summary, table, *[plot_images[k] for k in keys],
+                   *[plot_captions[k] for k in keys], download, last]
+        sweep_outputs = [plot_images["sweep"], plot_captions["sweep"], download]
 
         def request(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_):
             return service.request(task=task_, image=image_, question=question_, bbox=bbox_, candidates=candidates_,
                                    gold=gold_, factor=factor_, budget_pct=budget_, method=method_)
 
-        def on_run(task, image, question, bbox, candidates, gold, factor, budget, neuron_set):
+        def refuse(err: Exception):
+            LOG.info("rejected input: %s", str(err).replace("\n", " "))   # one line; no traceback for bad input
+            return gr.Error(str(err), title="Cannot run this request", print_exception=False)
+
+        def on_run(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_):
             try:
-                out = service.run(request(task, image, question, bbox, candidates, gold, factor, budget, neuron_set),
-                                  compute=compute)
+                out = service.run(request(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_,
+                                          method_), compute=compute)
             except DemoInputError as err:
-                raise gr.Error(str(err), title="Cannot run this request") from None
+                raise refuse(err) from None
             for note in out.warnings:
                 gr.Warning(note)
-            keys = [k for k in PLOTS if k != "sweep"]
             images = [out.plots[k][0] if k in out.plots else None for k in keys]
             captions = [out.plots[k][1] if k in out.plots else "_Not available for this input._" for k in keys]
             table_update = gr.Dataframe(value=out.table, visible=True) if out.table is not None else \
@@ -192,41 +314,91 @@ def build_app(service: DemoService, examples_dir: str | None = None) -> gr.Block
             return [out.base_answer, out.steered_answer, out.summary, table_update, *images, *captions, str(path),
                     out.results]
 
-        def on_sweep(results, task, image, question, bbox, candidates, gold, factor, budget, neuron_set):
+        def on_sweep(results, *values):
             try:
-                image_, caption, factors, curve = service.sweep(
-                    request(task, image, question, bbox, candidates, gold, factor, budget, neuron_set),
-                    compute_sweep=compute_sweep)
+                image_, caption, factors, curve = service.sweep(request(*values), compute=compute,
+                                                                compute_sweep=compute_sweep)
             except DemoInputError as err:
-                gr.Warning(str(err))
+                LOG.info("sweep not drawn: %s", str(err).replace("\n", " "))
                 return None, f"_{err}_", gr.skip()
-            path = service_lib.write_results({**(results or {}), "sweep": {"factors": factors, "values": curve}}, results_dir)
+            path = service_lib.write_results({**(results or {}), "sweep": {"factors": factors, "values": curve}},
+                                             results_dir)
             return image_, caption, str(path)
 
-        def on_task(name):
-            return gr.Dropdown(choices=service.methods(name), value="hones")
+        def on_slider(results, *values):
+            """A slider move re-runs a request already shown; before the first Run it does nothing."""
+            if results is None:
+                return [gr.skip()] * len(outputs)
+            return on_run(*values)
 
-        task.change(on_task, task, method, queue=False, show_progress="hidden", api_visibility="private")
-        sweep_outputs = [plot_images["sweep"], plot_captions["sweep"], download]
-        run.click(on_run, inputs, outputs, api_name="run", concurrency_id="model").success(
-            on_sweep, [last, *inputs], sweep_outputs, api_name="sweep", concurrency_id="model")
+        def cleared(note: str) -> list:
+            """Values for `cleared_outputs`: nothing from an earlier request stays on screen."""
+            return [None, None, note, gr.Dataframe(value=None, visible=False), *[None] * len(keys),
+                    *[note] * len(keys), None, None, None, note]
+
+        def on_failure():
+            """An error leaves nothing from the previous request on screen that looks current."""
+            return cleared(STALE)
+
+        def on_task(name):
+            """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
+            return [gr.Dropdown(choices=service.methods(name), value="hones"),
+                    gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared("")]
+
+        for name, tab in tabs.items():
+            tab.select(lambda n=name: n, outputs=task, queue=False, show_progress="hidden",
+                       api_name=f"select_{name}", api_visibility="private")
+        cleared_outputs = [*outputs, plot_images["sweep"], plot_captions["sweep"]]
+        task.change(on_task, task, [method, gold, *cleared_outputs], queue=False, show_progress="hidden", api_name="set_task",
+                    api_visibility="private")
+        run_event = run.click(on_run, inputs, outputs, api_name="run", concurrency_id="model")
+        run_event.success(on_sweep, [last, *inputs], sweep_outputs, api_name="sweep", concurrency_id="model")
+        run_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_error", api_visibility="private",
+                          queue=False, show_progress="hidden")
         # moving only the slider re-runs only the steered row (the base result is cached)
-        factor.release(lambda res, *v: on_run(*v) if res is not None else [gr.skip()] * len(outputs),
-                       [last, *inputs], outputs, api_visibility="private", concurrency_id="model").success(
-            on_sweep, [last, *inputs], sweep_outputs, api_visibility="private", concurrency_id="model")
+        slider_event = factor.release(on_slider, [last, *inputs], outputs, api_name="slider",
+                                      api_visibility="private", concurrency_id="model", trigger_mode="always_last")
+        slider_event.success(on_sweep, [last, *inputs], sweep_outputs, api_name="slider_sweep",
+                             api_visibility="private", concurrency_id="model")
+        slider_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_slider_error",
+                             api_visibility="private", queue=False, show_progress="hidden")
+    return app
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def start(args: argparse.Namespace):
+    """Check, load and launch; every start-up problem raises `StartupError`."""
+    check_port(args.host, args.port)
+    examples = check_examples(args.examples)
+    from hones_core.demo import DemoConfigError, check_device
+
+    try:
+        check_device(args.device)
+        import gradio as gr  # noqa: F401  (after the cheap checks: gradio takes seconds to import)
+
+        service = load_service(args)
+    except DemoConfigError as err:
+        raise StartupError(str(err)) from None
+    app = build_app(service, args.examples, examples=examples)
+    app.queue(default_concurrency_limit=args.concurrency)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, max_file_size="25mb", show_error=False, css=CSS)
+    except OSError as err:   # the port was taken while the model loaded
+        raise StartupError(f"could not listen on {args.host}:{args.port} ({err}); pick another port with --port N "
+                           f"or HONES_PORT=N.") from None
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        service = load_service(args)
-    except DemoConfigError as err:
+        start(args)
+    except StartupError as err:
         print(f"The HONES app cannot start: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = build_app(service, args.examples)
-    app.queue(default_concurrency_limit=args.concurrency)
-    app.launch(server_name=args.host, server_port=args.port, max_file_size="25mb", show_error=False)
 
 
 if __name__ == "__main__":

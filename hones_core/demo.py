@@ -39,17 +39,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import metrics, plots
+from . import __version__, metrics, plots
 from . import rankings as rankings_lib
+from .assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS
 from .data import DataFormatError, draw_ocr_box
 from .interventions import NeuronScale, Plan, intervene
-from .models import VLM, load_vlm
+from .models import VLM, Encoded, load_vlm
 from .tasks import TASKS, caption_prompt, clean_answer, ocr_prompt, retrieval_prompt, vqa_prompt
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = str(REPO_ROOT / "assets" / "toy-vlm")
-DEFAULT_RANKINGS = str(REPO_ROOT / "assets" / "rankings" / "toy-vlm")
-DEFAULT_EXAMPLES = REPO_ROOT / "assets" / "examples"
 
 FACTOR_MIN, FACTOR_MAX = 0.0, 3.0
 SWEEP_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -107,18 +103,23 @@ def open_image(source: str | Path | Image.Image | None) -> tuple[Image.Image, li
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as handle:
-                    _check_size(*handle.size)
+                    size = handle.size
+                    _check_size(*size)      # before decoding a single pixel
                     handle.load()
                     image = handle.copy()
+        except DemoInputError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise DemoInputError(f"This image is too large to decode safely ({err}); upload one under "
-                                 f"{MAX_PIXELS // 1_000_000} megapixels.") from err
+            # PIL's own limit (header sizes it cannot trust, e.g. frames of an animation)
+            raise DemoInputError(f"This image declares more pixels than the app decodes safely (at most "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels); downscale it or upload another file.") \
+                from err
         except UnidentifiedImageError as err:
             raise DemoInputError("This file is not an image the app can read; upload a PNG, JPEG, WebP or GIF.") \
                 from err
         except (OSError, SyntaxError, ValueError) as err:   # truncated / corrupt data (PIL raises all three)
-            raise DemoInputError(f"This image file is damaged or truncated and cannot be decoded ({err}); "
-                                 f"upload it again or use another file.") from err
+            raise DemoInputError("This image file is damaged or truncated: its pixel data ends early or is "
+                                 "corrupt, so it cannot be decoded. Upload it again or use another file.") from err
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))
@@ -232,6 +233,11 @@ class Request:
         """What the base result depends on: the image and the task inputs."""
         return (self.task, self.image_key, self.prompts, self.gold)
 
+    @property
+    def key(self) -> tuple:
+        """Everything the output depends on."""
+        return (*self.base_key, self.method, self.budget_pct, self.factor)
+
 
 @dataclass
 class BaseResult:
@@ -341,6 +347,43 @@ class _LRU:
                 self.items.popitem(last=False)
 
 
+def _at(source: str, revision: str | None) -> str:
+    return f"{source}@{revision}" if revision else str(source)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything loads.
+
+    Raises:
+        DemoConfigError: not a device name, or a CUDA / MPS device that is not there.
+    """
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise DemoConfigError(f"HONES_DEVICE={device!r} is not a device name; use cpu, cuda, cuda:1, ... or leave "
+                              f"it unset to use CUDA when available.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DemoConfigError(f"HONES_DEVICE={device} asks for a GPU, but this machine has no CUDA device "
+                                  f"torch can use; set HONES_DEVICE=cpu (or --device cpu), or leave it unset.")
+        if parsed.index is not None and parsed.index >= count:
+            raise DemoConfigError(f"HONES_DEVICE={device}: this machine has {count} CUDA device(s), numbered from "
+                                  f"0; pick one of cuda:0 … cuda:{count - 1}.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DemoConfigError(f"HONES_DEVICE={device}: MPS is not available here; set HONES_DEVICE=cpu.")
+
+
+def _model_source(vlm: VLM) -> dict:
+    """Model id, requested revision and the commit it resolved to (Hub models; None for a local folder)."""
+    commit = getattr(vlm.model.config, "_commit_hash", None)
+    name = vlm.name
+    local = Path(name).expanduser()
+    return {"id": str(local.resolve()) if local.exists() else name, "revision": vlm.revision, "commit": commit}
+
+
 class DemoService:
     """A model, its validated rankings, and the request logic.
 
@@ -351,40 +394,53 @@ class DemoService:
         cache_size: base results kept (LRU).
     """
 
-    def __init__(self, vlm: VLM, artifact: rankings_lib.Rankings, *, max_new_tokens: int = 24, cache_size: int = 32):
+    def __init__(self, vlm: VLM, artifact: rankings_lib.Rankings, *, max_new_tokens: int = 24, cache_size: int = 32,
+                 rankings_source: dict | None = None):
         rankings_lib.check_against(artifact, vlm.arch, model_id=vlm.name)
         self.vlm, self.artifact, self.max_new_tokens = vlm, artifact, max_new_tokens
         self.base_cache = _LRU(cache_size)
-        self.input_cache = _LRU(cache_size)            # processor outputs per (image, prompts)
+        self.input_cache = _LRU(cache_size)            # processor outputs per (image, prompts[, gold])
         self.sweep_cache = _LRU(cache_size)
+        self.output_cache = _LRU(16)                   # whole outputs per request (a repeated action computes once)
         self.figure_cache = _LRU(64)
+        self.readout_cache = _LRU(64)                  # W_down^T u_y per layer, per target
         self.yes_no = vlm.yes_no_ids()
-        down = [layer.down_proj.weight.detach() for layer in vlm.arch.layers]
-        self._down = down                              # [hidden, intermediate] per layer
+        self._down = [layer.down_proj.weight.detach() for layer in vlm.arch.layers]   # [hidden, intermediate]
+        self.sources = {"model": _model_source(vlm),
+                        "rankings": rankings_source or artifact.source or {"id": None, "revision": None,
+                                                                           "commit": None},
+                        "hones_core": __version__}
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, rankings: str = DEFAULT_RANKINGS, *, model_revision: str | None = None,
              rankings_revision: str | None = None, device: str | None = None, dtype: str = "auto") -> DemoService:
-        """Load the model and the rankings and check they belong together.
+        """Load the rankings and the model and check they belong together.
+
+        The rankings load first (they are small), so a missing or unreachable repo is reported
+        before the model spends its loading time.
 
         Raises:
-            DemoConfigError: either cannot be loaded, or they do not match (the message names both).
+            DemoConfigError: either cannot be loaded, the device does not exist, or the two do not
+                match; the message names the model and the rankings.
         """
-        from .models import ModelLoadError
         from .arch import UnsupportedModelError
+        from .models import ModelLoadError
 
+        pair = f"(model {_at(model, model_revision)}, rankings {_at(rankings, rankings_revision)})"
+        check_device(device)
+        try:
+            artifact = rankings_lib.load(rankings, revision=rankings_revision)
+        except (rankings_lib.RankingsError, ValueError) as err:
+            raise DemoConfigError(f"HONES_RANKINGS={rankings} cannot be loaded {pair}: {err}") from err
         try:
             vlm = load_vlm(model, revision=model_revision, device=device, dtype=dtype)
         except (ModelLoadError, UnsupportedModelError) as err:
-            raise DemoConfigError(f"HONES_MODEL={model}: {err}") from err
+            raise DemoConfigError(f"HONES_MODEL={model} cannot be loaded {pair}: {err}") from err
         try:
-            artifact = rankings_lib.load(rankings, revision=rankings_revision)
-        except rankings_lib.RankingsError as err:
-            raise DemoConfigError(f"HONES_RANKINGS={rankings}: {err}") from err
-        try:
-            return cls(vlm, artifact)
+            return cls(vlm, artifact, rankings_source=artifact.source)
         except rankings_lib.RankingsMismatchError as err:
-            raise DemoConfigError(f"the rankings {rankings} do not belong to the model {model}: {err}") from err
+            raise DemoConfigError(f"the rankings {_at(rankings, rankings_revision)} do not belong to the model "
+                                  f"{_at(model, model_revision)}: {err}") from err
 
     # ----- what the UI offers -------------------------------------------------------------------
     @property
@@ -469,20 +525,31 @@ class DemoService:
         return Plan.scale_neurons(self.selection(request.task, request.method, request.budget_pct), factor)
 
     # ----- model work (plain data in and out) ------------------------------------------------------
-    def _direction(self, target: dict[int, float]) -> torch.Tensor:
-        unembedding = self.vlm.arch.unembedding().detach().float()
-        ids = torch.tensor(list(target), device=unembedding.device)
-        w = torch.tensor(list(target.values()), device=unembedding.device)
-        direction = (w[:, None] * unembedding[ids]).sum(0)
-        return direction / direction.norm().clamp_min(1e-12)
+    def _readouts(self, target: dict[int, float]) -> list[torch.Tensor]:
+        """W_down[l]^T u_y for every layer l, `[intermediate]` float32 each, cached per target.
+
+        u_y = normalised sum_t w_t W_U[y_t]; only the target tokens' rows of the unembedding are
+        read, and each layer's down projection is multiplied once per target, not per request.
+        """
+        key = tuple(sorted(target.items()))
+        cached = self.readout_cache.get(key)
+        if cached is None:
+            unembedding = self.vlm.arch.unembedding().detach()
+            ids = torch.tensor([t for t, _ in key], device=unembedding.device)
+            w = torch.tensor([v for _, v in key], device=unembedding.device, dtype=torch.float32)
+            direction = (w[:, None] * unembedding[ids].float()).sum(0)
+            direction = direction / direction.norm().clamp_min(1e-12)
+            cached = [down.float().T @ direction.to(down.device) for down in self._down]
+            self.readout_cache.put(key, cached)
+        return cached
 
     def _contributions(self, z: dict[int, torch.Tensor], row: int, target: dict[int, float]) -> np.ndarray | None:
         """c_{l,i} = z_{l,i} · <W_down[:, i], u_y> of one batch row, `[layers, intermediate]`."""
         if not target:
             return None
-        u = self._direction(target)
-        rows = [z[layer][row].float() * (self._down[layer].float().T @ u) for layer in range(len(self._down))]
-        return torch.stack(rows).cpu().numpy()
+        readouts = self._readouts(target)
+        rows = [z[layer][row].float() * readouts[layer].to(z[layer].device) for layer in range(len(readouts))]
+        return torch.stack([r.cpu() for r in rows]).numpy()
 
     def _target(self, request: Request, base_answer: str | None, margins: Sequence[float]) -> tuple[dict, str, int]:
         if request.task == "retrieval":
@@ -526,10 +593,7 @@ class DemoService:
                 out = vlm.model.generate(**encoded, **vlm.generation_kwargs(self.max_new_tokens))
             new = out[:, encoded["input_ids"].shape[1]:]
             answers = [clean_answer(t, request.task) for t in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]
-            gold_lp = None
-            if request.gold:
-                gold_lp = vlm.answer_logprobs([request.image] * n_rows, [request.prompts[0]] * n_rows,
-                                              [request.gold] * n_rows, plans=row_plans, reduction="mean").tolist()
+            gold_lp = self._gold_logprobs(request, row_plans) if request.gold else None
             if base is None:
                 target, label, row = self._target(request, answers[0], [])
                 base = BaseResult([answers[0]], [], target, label, 0, self._contributions(capture.neurons, 0, target),
@@ -559,6 +623,26 @@ class DemoService:
             self.input_cache.put(key, single)
         return {name: value.repeat(copies, *[1] * (value.dim() - 1)) for name, value in single.items()}
 
+    def _gold_logprobs(self, request: Request, row_plans: list[Plan]) -> list[float]:
+        """Mean log-prob of the gold answer under each row plan; processor outputs cached per input."""
+        vlm, n = self.vlm, len(row_plans)
+        key = ("gold", request.image_key, request.prompts[0], request.gold)
+        single = self.input_cache.get(key)
+        if single is None and vlm.arch.family.vision is not None:
+            single = vlm.encode([request.image], [request.prompts[0]], [request.gold])
+            if all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 1 for v in single.inputs.values()):
+                self.input_cache.put(key, single)
+            else:
+                single = None
+        if single is None:      # Qwen2-VL / Qwen2.5-VL: patches of all images in one tensor; process every row
+            encoded = vlm.encode([request.image] * n, [request.prompts[0]] * n, [request.gold] * n)
+        else:
+            encoded = Encoded({k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in single.inputs.items()},
+                              single.labels.repeat(n, 1))
+        with torch.inference_mode(), intervene(vlm.arch, row_plans), vlm.sharing(n):
+            logp, mask = vlm.token_logprobs(encoded)
+        return ((logp * mask).sum(-1) / mask.sum(-1)).tolist()
+
     @torch.inference_mode()
     def compute_sweep(self, request: Request, base: BaseResult, factors: Sequence[float] = SWEEP_FACTORS) -> list[float]:
         """The gold (else base) answer's mean log-prob, or the retrieval margin, under each factor: one batch."""
@@ -581,22 +665,37 @@ class DemoService:
     def run(self, request: Request, *, compute=None) -> Output:
         """Answers, table, plots and results for a request (the sweep plot comes from `sweep`).
 
+        The same request made again (e.g. a factor typed, then Run clicked: two events for one
+        action) returns the output already computed, without running the model.
+
         Args:
             compute: the function that runs the model (default `self.compute`; the app passes a
                 `spaces.GPU`-wrapped one on ZeroGPU).
         """
         compute = compute or self.compute
+        done = self.output_cache.get(request.key)
+        if done is not None:
+            return done
         started = time.perf_counter()
         computed = compute(request, self.cached_base(request))
         self.base_cache.put(request.base_key, computed.base)
-        return self.render(request, computed, wall=time.perf_counter() - started)
+        out = self.render(request, computed, wall=time.perf_counter() - started)
+        self.output_cache.put(request.key, out)
+        return out
 
-    def sweep(self, request: Request, *, compute_sweep=None) -> tuple[Image.Image, str, list[float], list[float]]:
-        """The strength-sweep plot (cached per input, neuron set and budget): (image, caption, factors, values)."""
+    def sweep(self, request: Request, *, compute=None,
+              compute_sweep=None) -> tuple[Image.Image, str, list[float], list[float]]:
+        """The strength-sweep plot (cached per input, neuron set and budget): (image, caption, factors, values).
+
+        Args:
+            compute, compute_sweep: the functions that run the model (default the service's own; on
+                ZeroGPU the app passes `spaces.GPU`-wrapped ones, so every model call runs inside them).
+        """
+        compute = compute or self.compute
         compute_sweep = compute_sweep or self.compute_sweep
         base = self.cached_base(request)
         if base is None:
-            computed = self.compute(request)
+            computed = compute(request)
             base = computed.base
             self.base_cache.put(request.base_key, base)
         key = (request.base_key, request.method, request.budget_pct)
@@ -648,8 +747,8 @@ class DemoService:
             base_text, steered_text = base.answers[0], steered.answers[0]
         left, right = diff_words(base_text, steered_text)
 
-        lines = [f"**{METHOD_LABELS.get(request.method, request.method)}**: {n_selected} neurons "
-                 f"({100 * n_selected / total:.2g} % of {total:,}) in layers "
+        lines = [f"**{METHOD_LABELS.get(request.method, request.method)}**: {n_selected:,} neurons "
+                 f"({format_pct(100 * n_selected / total)} % of {total:,}) in layers "
                  f"{', '.join(str(l) for l in selection) or '—'}, scaled ×{request.factor:g}"
                  + (" on top of the learned scales (1 + s)" if request.method == "learned" else "") + "."]
         if request.method == "learned":
@@ -678,7 +777,9 @@ class DemoService:
             figures["overlap"] = self._static_plot(("overlap", used, request.budget_pct), overlap)
 
         results = {
-            "model": self.vlm.name, "rankings": self.artifact.model.describe(), "task": task,
+            "model": self.sources["model"], "rankings": {**self.sources["rankings"],
+                                                         "for_model": self.artifact.model.describe()},
+            "hones_core": self.sources["hones_core"], "task": task,
             "prompts": list(request.prompts), "candidates": list(request.candidates) or None, "gold": request.gold,
             "neuron_set": request.method, "budget_pct": request.budget_pct, "factor": request.factor,
             "selected_neurons": {str(l): v for l, v in selection.items()},
@@ -735,6 +836,15 @@ class DemoService:
         bar = plots.contributions(labels, b, s, title_hint=f"{base.target_label}")
         sums = plots.layer_sums(_layer_sums(base.contributions, selection), _layer_sums(steered.contributions, selection))
         return {"contributions": (_png(bar), bar.caption), "layer_sums": (_png(sums), sums.caption)}
+
+
+def format_pct(value: float) -> str:
+    """A percentage for people: 100, 12.5, 1, 0.25, 0.0031 (no exponent notation)."""
+    if value >= 10:
+        return f"{value:.1f}".removesuffix(".0")
+    if value >= 0.01:
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
 
 
 def _layer_sums(contributions: np.ndarray, selection: dict[int, list[int]]) -> np.ndarray:

@@ -305,6 +305,7 @@ class Rankings:
     params: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     created_with: str = f"hones_core {__version__}"
+    source: dict | None = None      # where `load` read it: {"id", "revision", "commit"} (None: built in memory)
 
     def __post_init__(self):
         for name, ranking in self.tasks.items():
@@ -846,13 +847,18 @@ def load(source: str | Path, *, revision: str | None = None, cache_dir: str | Pa
     if path.exists():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local folder")
-        return _read_dir(_existing_dir(path), origin=str(path))
+        rankings = _read_dir(_existing_dir(path), origin=str(path))
+        rankings.source = {"id": str(path.resolve()), "revision": None, "commit": None}
+        return rankings
     source = str(source)
     if not _looks_like_repo_id(source):
         raise RankingsNotFoundError(f"no rankings folder at {path}, and {source!r} is not a Hub repo id "
                                     f"('org/name') — check the path")
     snapshot = _download(source, revision=revision, cache_dir=cache_dir, token=token)
-    return _read_dir(snapshot, origin=f"{source}@{revision}" if revision else source)
+    rankings = _read_dir(snapshot, origin=f"{source}@{revision}" if revision else source)
+    # a Hub snapshot folder is named after the commit it holds
+    rankings.source = {"id": source, "revision": revision, "commit": snapshot.name}
+    return rankings
 
 
 # --------------------------------------------------------------------------- Hub upload
