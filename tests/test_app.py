@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import socket
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import torch
+
 from conftest import ASSETS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -59,25 +70,101 @@ def test_help_and_configuration(monkeypatch):
     monkeypatch.setenv("HONES_RANKINGS", "org/rankings")
     monkeypatch.setenv("HONES_REVISION", "v1")
     monkeypatch.setenv("HONES_RANKINGS_REVISION", "abc123")
+    monkeypatch.setenv("HONES_PORT", "9000")
     args = app.parse_args(["--port", "8000"])
-    assert (args.model, args.rankings, args.revision, args.rankings_revision, args.port) == \
-        ("org/model", "org/rankings", "v1", "abc123", 8000)
+    assert (args.model, args.rankings, args.revision, args.rankings_revision, args.port, args.concurrency) == \
+        ("org/model", "org/rankings", "v1", "abc123", 8000, 4)
+    assert app.parse_args([]).port == 9000
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(["--help"])
     assert exit_info.value.code == 0
 
 
-def test_start_up_refuses_a_missing_hub_repo(monkeypatch, capsys):
+def test_help_is_answered_before_torch_and_gradio_load():
+    """`python app.py --help` parses arguments first: neither torch nor gradio is imported, every default shown."""
+    code = ("import sys, contextlib, io\nimport app\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n    app.parse_args(['--help'])\n"
+            "print(sorted(m for m in ('torch', 'gradio', 'transformers') if m in sys.modules))\nprint(out.getvalue())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HONES_", "GRADIO_SERVER"))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded, _, help_text = done.stdout.partition("\n")
+    assert loaded == "[]"
+    for default in ("127.0.0.1", "7860", "(default: 4)", "toy-vlm", "examples"):
+        assert default in help_text, default
+
+
+def _start(capsys, argv):
     import app
 
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_start_up_refuses_a_missing_hub_repo_naming_both_sides(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    err = _start(capsys, ["--rankings", "nobody/no-such-rankings-repo", "--port", str(_free_port())])
+    assert "cannot start" in err and "nobody/no-such-rankings-repo" in err and "toy-vlm" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_start_up_refuses_a_busy_port_before_loading_anything(capsys, monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "load_service", lambda args: pytest.fail("the model loaded before the port check"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        err = _start(capsys, ["--port", str(port)])
+    assert f"port {port}" in err and "--port" in err and "HONES_PORT" in err
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("HONES_PORT", "abc", r"HONES_PORT='abc': 'abc' is not a port number"),
+    ("HONES_PORT", "70000", "70000 is not a port number"),
+    ("HONES_CONCURRENCY", "0", "HONES_CONCURRENCY='0'"),
+])
+def test_start_up_refuses_bad_environment_values(capsys, monkeypatch, variable, value, message):
+    import app
+
+    monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_info:
-        app.main(["--rankings", "nobody/no-such-rankings-repo"])
-    assert exit_info.value.code == 2
+        app.parse_args([])
     err = capsys.readouterr().err
-    assert "cannot start" in err and "nobody/no-such-rankings-repo" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+
+
+def test_start_up_refuses_a_device_that_is_not_there(capsys, monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "load_service", lambda args: pytest.fail("the model loaded before the device check"))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _start(capsys, ["--device", "cuda", "--port", str(_free_port())])
+    assert "HONES_DEVICE=cuda" in err and "no CUDA device" in err and "HONES_DEVICE=cpu" in err
+
+
+def test_start_up_refuses_a_missing_or_malformed_examples_folder(capsys, monkeypatch, tmp_path):
+    import app
+
+    monkeypatch.setattr(app, "load_service", lambda args: pytest.fail("the model loaded before the examples check"))
+    err = _start(capsys, ["--examples", str(tmp_path / "nowhere"), "--port", str(_free_port())])
+    assert "nowhere does not exist" in err and "HONES_EXAMPLES" in err
+    (tmp_path / "examples.json").write_text("[{")
+    err = _start(capsys, ["--examples", str(tmp_path), "--port", str(_free_port())])
+    assert "not valid JSON" in err and "HONES_EXAMPLES" in err
 
 
 def test_factor_zero_changes_an_answer_and_one_changes_none(client):
@@ -175,30 +262,105 @@ def test_bad_inputs_get_clear_messages_and_the_app_keeps_serving(client, tmp_pat
     assert base == steered
 
 
-def test_nan_factor_through_the_raw_api_is_refused(launched):
-    """JSON clients can send NaN (gradio_client cannot): the app answers with a clear error and keeps serving."""
+@pytest.mark.parametrize("factor, budget, message", [(float("nan"), 2.0, "scaling factor must be a finite number"),
+                                                      ("abc", 2.0, "scaling factor must be a number, got 'abc'"),
+                                                      (1.0, "lots", "neuron budget must be a number, got 'lots'")])
+def test_raw_api_values_are_refused_in_words(launched, factor, budget, message):
+    """JSON clients can send NaN or a string where a number belongs (gradio_client cannot): a clear error."""
     import httpx
 
     vqa = _examples()["vqa"][0]
     client = Client(launched.local_url, verbose=False)
-    uploaded = client.predict(*_args(vqa, factor=1.0), api_name="/run")   # warms the route; returns fine
-    assert uploaded
     upload = httpx.post(launched.local_url + "gradio_api/upload", files={"files": open(vqa["image"], "rb")}).json()
     image = {"path": upload[0], "meta": {"_type": "gradio.FileData"}}
-    body = json.dumps({"data": ["vqa", image, vqa["question"], "", "", "", float("nan"), 2.0, "hones"],
-                       "fn_index": _fn_index(launched, "run"), "session_hash": "nan-test"})
+    session = f"raw-{abs(hash((str(factor), str(budget))))}"
+    body = json.dumps({"data": ["vqa", image, vqa["question"], "", "", "", factor, budget, "hones"],
+                       "fn_index": _fn_index(launched, "run"), "session_hash": session})
     join = httpx.post(launched.local_url + "gradio_api/queue/join", content=body,
                       headers={"Content-Type": "application/json"})
     if join.status_code == 200:
         with httpx.stream("GET", launched.local_url + "gradio_api/queue/data",
-                          params={"session_hash": "nan-test"}, timeout=60) as stream:
+                          params={"session_hash": session}, timeout=60) as stream:
             events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
         done = [e for e in events if e.get("msg") == "process_completed"][-1]
-        assert done["success"] is False and "finite number" in done["output"]["error"]
+        assert done["success"] is False and message in done["output"]["error"], done
     else:
         assert join.status_code == 422   # refused as invalid JSON before reaching the app
     base, steered = _answers(client.predict(*_args(vqa, factor=1.0), api_name="/run"))
     assert base == steered
+
+
+def test_a_rejected_input_logs_one_line_and_no_traceback(client, caplog, capfd):
+    vqa = _examples()["vqa"][0]
+    from gradio_client.exceptions import AppError
+
+    caplog.set_level(logging.INFO, logger="hones.app")
+    capfd.readouterr()
+    bad = [_args({**vqa, "question": ""}, factor=0.0), _args(vqa, factor=0.0, budget=0),
+           _args(vqa, factor=0.0, image=None)[:1] + (None,) + _args(vqa, factor=0.0)[2:]]
+    for args in bad:
+        with pytest.raises(AppError):
+            client.predict(*args, api_name="/run")
+    rejected = [r for r in caplog.records if r.name == "hones.app" and r.getMessage().startswith("rejected input")]
+    assert len(rejected) == len(bad) and all("\n" not in r.getMessage() for r in rejected)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_every_event_is_named_and_every_output_labelled(launched):
+    assert all(fn.api_name for fn in launched.fns.values()), [fn.fn for fn in launched.fns.values()
+                                                               if not fn.api_name]
+    info = Client(launched.local_url, verbose=False).view_api(return_format="dict", print_info=False)
+    for name in ("/run", "/sweep"):
+        labels = [r["label"] for r in info["named_endpoints"][name]["returns"]]
+        assert labels and not any(re.fullmatch(r"value_\d+", label or "") for label in labels), labels
+        params = [p["parameter_name"] for p in info["named_endpoints"][name]["parameters"]]
+        assert not any(re.fullmatch(r"value_\d+", p) for p in params), params
+
+
+def test_on_zerogpu_every_model_call_runs_inside_spaces_gpu(toy_vlm, app_rankings, monkeypatch):
+    """A stand-in `spaces` module (the decorator shape of ZeroGPU's): no model call outside the wrapped functions."""
+    import types
+
+    import app
+    from hones_core import rankings
+    from hones_core.demo import DemoService
+
+    state = {"depth": 0, "inside": 0, "outside": 0, "wrapped": []}
+
+    def gpu(duration=60):
+        def decorate(fn):
+            state["wrapped"].append(fn.__name__)
+
+            def call(*args, **kwargs):
+                state["depth"] += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    state["depth"] -= 1
+            return call
+        return decorate
+
+    monkeypatch.setattr(app, "spaces", types.SimpleNamespace(GPU=gpu))
+    service = DemoService(toy_vlm, rankings.load(app_rankings))     # empty caches
+
+    def seen(module, args):
+        state["inside" if state["depth"] else "outside"] += 1
+    handle = toy_vlm.arch.layers[0].up_proj.register_forward_pre_hook(seen)
+    blocks = app.build_app(service, str(ASSETS / "examples"))
+    blocks.queue(default_concurrency_limit=1)
+    blocks.launch(server_name="127.0.0.1", prevent_thread_lock=True, show_error=False)
+    try:
+        client = Client(blocks.local_url, verbose=False, download_files=False)
+        examples = _examples()
+        client.predict(*_args(examples["caption"][0], factor=0.5), api_name="/sweep")   # a new input: sweep first
+        client.predict(*_args(examples["vqa"][0], factor=0.0), api_name="/run")
+        client.predict(*_args(examples["vqa"][0], factor=0.0), api_name="/sweep")
+        client.predict(*_args(examples["retrieval"][0], factor=2.0), api_name="/run")
+    finally:
+        handle.remove()
+        blocks.close()
+    assert sorted(state["wrapped"]) == ["compute", "compute_sweep"]
+    assert state["inside"] > 0 and state["outside"] == 0, state
 
 
 def _fn_index(blocks, api_name: str) -> int:
