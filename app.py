@@ -36,7 +36,7 @@ PLOT_TITLES = {"heads": "Head scores", "layers": "Where the selected neurons are
                "contributions": "Top neuron contributions (this input)", "layer_sums": "Contributions per layer",
                "overlap": "Cross-task overlap", "sweep": "Steering strength"}
 TABLE_HEADERS = ["base rank", "steered rank", "candidate", "base margin", "steered margin", "Δ margin"]
-TABLE_WIDTHS = ["90px", "100px", "auto", "105px", "120px", "100px"]
+TABLE_WIDTHS = ["10%", "11%", "42%", "12%", "13%", "12%"]   # of the table's width: all six fit at 1 400 px
 GOLD_LABELS = {"vqa": "Gold answer (optional)", "ocr": "Gold text (optional)",
                "caption": "Reference caption (optional)", "retrieval": "True caption (optional)"}
 GOLD_INFO = "Scored against both answers when given. Retrieval: one of the candidates, copied exactly."
@@ -325,6 +325,11 @@ def build_app(service, examples_dir: str | None = None, examples: dict | None = 
                                              results_dir)
             return image_, caption, str(path)
 
+        def on_slider_sweep(results, *values):
+            if results is None:      # the slider moved before any Run: nothing to sweep either
+                return [gr.skip()] * len(sweep_outputs)
+            return on_sweep(results, *values)
+
         def on_slider(results, *values):
             """A slider move re-runs a request already shown; before the first Run it does nothing."""
             if results is None:
@@ -358,7 +363,7 @@ def build_app(service, examples_dir: str | None = None, examples: dict | None = 
         # moving only the slider re-runs only the steered row (the base result is cached)
         slider_event = factor.release(on_slider, [last, *inputs], outputs, api_name="slider",
                                       api_visibility="private", concurrency_id="model", trigger_mode="always_last")
-        slider_event.success(on_sweep, [last, *inputs], sweep_outputs, api_name="slider_sweep",
+        slider_event.success(on_slider_sweep, [last, *inputs], sweep_outputs, api_name="slider_sweep",
                              api_visibility="private", concurrency_id="model")
         slider_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_slider_error",
                              api_visibility="private", queue=False, show_progress="hidden")

@@ -403,6 +403,8 @@ class DemoService:
         self.sweep_cache = _LRU(cache_size)
         self.output_cache = _LRU(16)                   # whole outputs per request (a repeated action computes once)
         self.figure_cache = _LRU(64)
+        self._inflight: dict[tuple, threading.Event] = {}    # request key -> set when its computation ends
+        self._inflight_lock = threading.Lock()
         self.readout_cache = _LRU(64)                  # W_down^T u_y per layer, per target
         self.yes_no = vlm.yes_no_ids()
         self._down = [layer.down_proj.weight.detach() for layer in vlm.arch.layers]   # [hidden, intermediate]
@@ -673,15 +675,28 @@ class DemoService:
                 `spaces.GPU`-wrapped one on ZeroGPU).
         """
         compute = compute or self.compute
-        done = self.output_cache.get(request.key)
-        if done is not None:
-            return done
-        started = time.perf_counter()
-        computed = compute(request, self.cached_base(request))
-        self.base_cache.put(request.base_key, computed.base)
-        out = self.render(request, computed, wall=time.perf_counter() - started)
-        self.output_cache.put(request.key, out)
-        return out
+        key = request.key
+        while True:
+            done = self.output_cache.get(key)
+            if done is not None:
+                return done
+            with self._inflight_lock:
+                running = self._inflight.get(key)
+                if running is None:
+                    mine = self._inflight[key] = threading.Event()
+                    break
+            running.wait()      # the same request is being computed: take its output (or, if it failed, retry)
+        try:
+            started = time.perf_counter()
+            computed = compute(request, self.cached_base(request))
+            self.base_cache.put(request.base_key, computed.base)
+            out = self.render(request, computed, wall=time.perf_counter() - started)
+            self.output_cache.put(key, out)
+            return out
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(key, None)
+            mine.set()
 
     def sweep(self, request: Request, *, compute=None,
               compute_sweep=None) -> tuple[Image.Image, str, list[float], list[float]]:

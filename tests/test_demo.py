@@ -456,6 +456,23 @@ def test_the_same_request_twice_computes_once(toy_vlm, app_rankings, examples, m
     assert len(runs) == 1 and again.summary == first.summary and "from the cache" not in first.summary
     service.run(_request(service, example, factor=0.75))
     assert len(runs) == 2
+    # the two events of one action arrive together: the second waits for the first's output
+    import threading
+    import time
+
+    def slow(*args, **kwargs):
+        runs.append(1)
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(service, "compute", slow)
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(service.run(_request(service, example, factor=1.5))))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs) == 3 and len(outs) == 3 and outs[0] is outs[1] is outs[2]
 
 
 def test_summary_budget_and_results_provenance(demo_service, examples):
