@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# What the tests need, set here so that a plain `pytest` works as README says (before
+# huggingface_hub and gradio are imported: both read these at import time). No test reaches
+# the network: the Hub tests talk to a local stand-in server.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 from PIL import Image
