@@ -3,7 +3,8 @@
     python -m benchmarks.soak                      # 200 requests, 16 threads, the bundled toy VLM
     python -m benchmarks.soak --requests 50 --threads 4
 
-Starts `python app.py` on a free loopback port, warms it up with one request, then sends
+Starts `python app.py` on a free loopback port, warms it up with `--warmup` requests of the
+same mix from the same threads (not counted; the memory baseline is taken after them), then sends
 `--requests` requests from `--threads` threads (one gradio_client each): the four tasks'
 bundled examples under mixed factors, budgets and neuron sets, and about 20 % bad inputs
 (empty question, no image, a text file as image, too few candidates, a budget of 0, a factor
@@ -13,7 +14,7 @@ steered answers, the summary without its timing line, the retrieval table).
 
 Prints one JSON line: requests sent, answered, errors by kind (expected rejections and
 anything unexpected), mismatches, p50/p95 latency of the concurrent phase, and the server's
-resident memory before (after the warm-up request) and after the soak. Bounded in count and
+resident memory before (after the warm-up) and after the soak. Bounded in count and
 time (`--deadline` seconds for the whole soak); exits 1 if a mismatch or an unexpected error
 occurred or memory grew by more than 10 %.
 """
@@ -160,7 +161,7 @@ def _view(result) -> dict:
     return {"base": text(result[0]), "steered": text(result[1]), "summary": summary, "table": rows}
 
 
-def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float) -> dict:
+def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float, n_warmup: int = 32) -> dict:
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
@@ -169,10 +170,21 @@ def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float) -> dict:
     started = time.monotonic()
     server = Server(scratch / "server.log")
     try:
-        warm = Client(server.url, verbose=False, download_files=False)
-        warm.predict(*_args({**cases[0], "bad": None, "image": cases[0]["example"]["image"]}), api_name="/run")
-        rss_before = _rss_mb(server.process.pid)
         local = threading.local()
+        # warm-up: the same kind of traffic, from the same threads, not counted (imports, caches and
+        # per-thread allocator arenas fill here; growth after it is what a leak would show)
+        warm_cases = _requests(n_warmup, seed + 1, scratch)
+
+        def warm(index: int) -> None:
+            if not hasattr(local, "client"):
+                local.client = Client(server.url, verbose=False, download_files=False)
+            try:
+                local.client.predict(*_args(warm_cases[index]), api_name="/run")
+            except AppError:
+                pass            # the warm-up's bad inputs are refused, as they should be; not counted
+        pool = ThreadPoolExecutor(n_threads)
+        list(pool.map(warm, range(len(warm_cases))))
+        rss_before = _rss_mb(server.process.pid)
         results: list[dict] = [{} for _ in cases]
 
         def one(index: int) -> None:
@@ -191,8 +203,10 @@ def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float) -> dict:
             except Exception as err:   # noqa: BLE001  counted and reported by kind, never dropped
                 results[index] = {"failure": f"{type(err).__name__}: {err}", "s": time.perf_counter() - t0}
 
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(one, range(len(cases))))
+        try:
+            list(pool.map(one, range(len(cases))))      # the same threads and clients as the warm-up
+        finally:
+            pool.shutdown()
         rss_after = _rss_mb(server.process.pid)
     finally:
         server.stop()
@@ -228,7 +242,7 @@ def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float) -> dict:
     answered = sum(1 for g in results if "view" in g or "error" in g)
     latencies.sort()
     return {
-        "requests": len(cases), "threads": n_threads, "answered": answered,
+        "requests": len(cases), "threads": n_threads, "warmup_requests": n_warmup, "answered": answered,
         "good": sum(1 for c in cases if c["bad"] is None), "bad": sum(1 for c in cases if c["bad"] is not None),
         "errors": dict(sorted(errors.items())), "mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
         "distinct_good_requests": len(alone),
@@ -245,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=32, help="requests sent first and not counted (memory baseline)")
     p.add_argument("--deadline", type=float, default=900, help="seconds for the concurrent phase, at most")
     args = p.parse_args(argv)
-    report = soak(args.requests, args.threads, args.seed, args.deadline)
+    report = soak(args.requests, args.threads, args.seed, args.deadline, args.warmup)
     print(json.dumps(report))
     unexpected = any(k.startswith(("unexpected", "client")) for k in report["errors"])
     return 1 if report["mismatches"] or unexpected or report["rss_growth_pct"] > 10 else 0

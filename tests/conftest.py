@@ -116,3 +116,32 @@ def demo_service(toy_vlm, app_rankings):
     from hones_core.demo import DemoService
 
     return DemoService(toy_vlm, rankings.load(app_rankings))
+
+
+class InsideCalls:
+    """Counts decoder passes of a model inside and outside the functions wrapped with `wrap`.
+
+    What ZeroGPU needs of the app: every model call runs inside a `spaces.GPU`-wrapped function.
+    """
+
+    def __init__(self):
+        self.depth, self.inside, self.outside = 0, 0, 0
+
+    def wrap(self, fn):
+        def call(*args, **kwargs):
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        call.__name__ = getattr(fn, "__name__", "wrapped")
+        return call
+
+    def watch(self, vlm):
+        """Hook every decoder pass of `vlm` (layer 0's up projection); returns the handle to remove."""
+        def seen(module, args):
+            if self.depth:
+                self.inside += 1
+            else:
+                self.outside += 1
+        return vlm.arch.layers[0].up_proj.register_forward_pre_hook(seen)

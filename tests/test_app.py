@@ -18,7 +18,7 @@ from PIL import Image
 
 import torch
 
-from conftest import ASSETS
+from conftest import ASSETS, InsideCalls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,13 +205,15 @@ def test_retrieval_table(client):
     assert sorted(row[2].removesuffix(" ✓") for row in table["data"]) == sorted(example["candidates"])
 
 
-def test_concurrent_requests_match_sequential(launched):
+def test_concurrent_requests_match_sequential(launched, demo_service):
     """16 concurrent requests (4 tasks x 4 factors) return what each returns alone."""
     client = Client(launched.local_url, verbose=False, download_files=False)   # answers only, no plot downloads
     examples = _examples()
     cases = [(examples[t][0], f) for t in examples for f in (0.0, 0.5, 2.0, 3.0)]
     assert len(cases) == 16
     sequential = [_answers(client.predict(*_args(e, factor=f, budget=3.0), api_name="/run")) for e, f in cases]
+    for cache in (demo_service.output_cache, demo_service.base_cache):   # the concurrent ones compute anew
+        cache.items.clear()
     jobs = [client.submit(*_args(e, factor=f, budget=3.0), api_name="/run") for e, f in cases]
     concurrent = [_answers(job.result(timeout=120)) for job in jobs]
     assert concurrent == sequential
@@ -325,27 +327,17 @@ def test_on_zerogpu_every_model_call_runs_inside_spaces_gpu(toy_vlm, app_ranking
     from hones_core import rankings
     from hones_core.demo import DemoService
 
-    state = {"depth": 0, "inside": 0, "outside": 0, "wrapped": []}
+    calls, wrapped = InsideCalls(), []
 
     def gpu(duration=60):
         def decorate(fn):
-            state["wrapped"].append(fn.__name__)
-
-            def call(*args, **kwargs):
-                state["depth"] += 1
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    state["depth"] -= 1
-            return call
+            wrapped.append(fn.__name__)
+            return calls.wrap(fn)
         return decorate
 
     monkeypatch.setattr(app, "spaces", types.SimpleNamespace(GPU=gpu))
     service = DemoService(toy_vlm, rankings.load(app_rankings))     # empty caches
-
-    def seen(module, args):
-        state["inside" if state["depth"] else "outside"] += 1
-    handle = toy_vlm.arch.layers[0].up_proj.register_forward_pre_hook(seen)
+    handle = calls.watch(toy_vlm)
     blocks = app.build_app(service, str(ASSETS / "examples"))
     blocks.queue(default_concurrency_limit=1)
     blocks.launch(server_name="127.0.0.1", prevent_thread_lock=True, show_error=False)
@@ -359,8 +351,8 @@ def test_on_zerogpu_every_model_call_runs_inside_spaces_gpu(toy_vlm, app_ranking
     finally:
         handle.remove()
         blocks.close()
-    assert sorted(state["wrapped"]) == ["compute", "compute_sweep"]
-    assert state["inside"] > 0 and state["outside"] == 0, state
+    assert sorted(wrapped) == ["compute", "compute_sweep"]
+    assert calls.inside > 0 and calls.outside == 0, vars(calls)
 
 
 def _fn_index(blocks, api_name: str) -> int:

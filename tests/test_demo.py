@@ -19,7 +19,7 @@ from hones_core.interventions import Plan
 from hones_core.tasks import TASKS
 from hones_core.toy.examples import write_examples
 
-from conftest import ASSETS
+from conftest import ASSETS, InsideCalls
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +87,22 @@ def test_slider_only_change_runs_only_the_steered_row_from_cache(demo_service, e
     assert again.results["steered"]["answer"] == fresh.steered.answers[0]
 
 
-def test_slider_moves_reuse_the_processed_inputs(toy_vlm, app_rankings, examples, monkeypatch):
-    """The processor runs once per (image, prompts); moving the slider re-uses its outputs."""
-    service = DemoService(toy_vlm, rankings.load(app_rankings))
-    processed = []
-    original = toy_vlm._process
+def _count_processor_runs(vlm, monkeypatch) -> list[int]:
+    """A list that gets the row count of every processor call of `vlm`."""
+    processed: list[int] = []
+    original = vlm._process
 
     def counting(texts, images):
         processed.append(len(texts))
         return original(texts, images)
-    monkeypatch.setattr(toy_vlm, "_process", counting)
+    monkeypatch.setattr(vlm, "_process", counting)
+    return processed
+
+
+def test_slider_moves_reuse_the_processed_inputs(toy_vlm, app_rankings, examples, monkeypatch):
+    """The processor runs once per (image, prompts); moving the slider re-uses its outputs."""
+    service = DemoService(toy_vlm, rankings.load(app_rankings))
+    processed = _count_processor_runs(toy_vlm, monkeypatch)
     for task in ("vqa", "retrieval"):
         example = examples[task][0]
         processed.clear()
@@ -370,13 +376,7 @@ def test_rows_of_one_request_share_the_vision_tower(demo_service, examples):
 def test_gold_path_reuses_the_processed_inputs_on_slider_moves(toy_vlm, app_rankings, examples, monkeypatch):
     """With a gold answer, a slider move runs the processor neither for the answer nor for the gold log-prob."""
     service = DemoService(toy_vlm, rankings.load(app_rankings))
-    processed = []
-    original = toy_vlm._process
-
-    def counting(texts, images):
-        processed.append(len(texts))
-        return original(texts, images)
-    monkeypatch.setattr(toy_vlm, "_process", counting)
+    processed = _count_processor_runs(toy_vlm, monkeypatch)
     example = examples["vqa"][0]
     first = service.compute(_request(service, example, factor=0.0))
     assert example["answer"] and len(processed) == 2          # the prompt, and prompt + gold answer
@@ -393,30 +393,17 @@ def test_gold_path_reuses_the_processed_inputs_on_slider_moves(toy_vlm, app_rank
 def test_model_work_of_run_and_sweep_goes_through_the_given_functions(toy_vlm, app_rankings, examples):
     """What ZeroGPU needs: every model call of run and sweep happens inside the functions the caller passes."""
     service = DemoService(toy_vlm, rankings.load(app_rankings))
-    inside = {"depth": 0}
-    calls = {"inside": 0, "outside": 0}
-
-    def wrapped(fn):
-        def call(*args, **kwargs):
-            inside["depth"] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                inside["depth"] -= 1
-        return call
-
-    def seen(module, args):
-        calls["inside" if inside["depth"] else "outside"] += 1
-    handle = toy_vlm.arch.layers[0].up_proj.register_forward_pre_hook(seen)   # every decoder pass
+    calls = InsideCalls()
+    handle = calls.watch(toy_vlm)
     try:
         for task in ("caption", "vqa", "retrieval"):
             request = _request(service, examples[task][1], factor=0.5)
             # a sweep for an input never run before: the base answer is computed first
-            service.sweep(request, compute=wrapped(service.compute), compute_sweep=wrapped(service.compute_sweep))
-            service.run(_request(service, examples[task][1], factor=2.0), compute=wrapped(service.compute))
+            service.sweep(request, compute=calls.wrap(service.compute), compute_sweep=calls.wrap(service.compute_sweep))
+            service.run(_request(service, examples[task][1], factor=2.0), compute=calls.wrap(service.compute))
     finally:
         handle.remove()
-    assert calls["inside"] > 0 and calls["outside"] == 0, calls
+    assert calls.inside > 0 and calls.outside == 0, vars(calls)
 
 
 def test_contributions_are_z_times_the_readout_of_the_answer_direction(toy_vlm, app_rankings, examples):
