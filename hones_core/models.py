@@ -17,7 +17,8 @@ tower runs once per distinct image (or tile) and duplicate rows get copies of it
 steered rows of one picture (the app), or retrieval candidates of one picture, pay for the
 vision tower once. Duplicates are found with `torch.equal` on every per-row input of the
 tower, never assumed; the rows actually run are exactly those of an unshared run, minus the
-repeats, so every row's result is the one it gets alone (see `share_images`).
+repeats, so every row's result is the one it gets alone up to float32 rounding (the tower runs
+on fewer rows, and BLAS picks kernels by shape, thread count and CPU; see `share_images`).
 
 Rows with the same input whose plans agree up to some layer share the text decoder up to
 that layer: inside `share_prefix(arch)` each decoder layer of a prefill pass runs once per
@@ -221,8 +222,9 @@ def share_images(arch: Architecture) -> Iterator[None]:
     for Idefics3/SmolVLM the patch mask) is `torch.equal` row by row. Only distinct rows run;
     their outputs (every hidden state) are copied to the duplicates, and a batch of distinct
     images runs unchanged. A shared row's features are therefore those of the tower run on
-    fewer rows: bit-identical to the unshared batch wherever the tower's kernels do not depend
-    on the row count (CPU float32 here, tested), and the same shapes as a single-image run. The
+    fewer rows: equal to the unshared batch up to float32 rounding (bitwise only where the
+    kernels do not depend on the row count, which is the CPU's choice), and the same shapes as
+    a single-image run; duplicate rows get exact copies. The
     text decoder is untouched (interventions act there only), so any per-row plans still apply.
     Families whose tower is not batch-first (Qwen2-VL, Qwen2.5-VL) run unshared.
 
@@ -462,8 +464,11 @@ def share_prefix(arch: Architecture) -> Iterator[None]:
     Only prefill calls are shared: more than one position and an empty `DynamicCache` layer (or
     no cache); any other call runs unshared. A decoder layer given a keyword argument whose batch
     layout is unknown raises `UnsupportedModelError` rather than being guessed. Every row's result
-    is the one it gets unshared wherever the kernels give a row the same bits whatever the row
-    count (CPU float32 here, tested for every family).
+    is the one it gets unshared up to float32 rounding (tested within 1e-5 for every family);
+    bitwise only where the kernels give a row the same bits whatever the row count, which
+    depends on the CPU. Whether duplicate rows even reach a layer with equal bits depends on the
+    CPU too (MKL's AVX2 kernels round a row of one matrix product by its position): rows that do
+    not are simply run apart.
 
     Thread-safe like `share_images`: hooks installed once per model while any block is open, and
     acting only for the threads/tasks inside a block.
@@ -669,8 +674,8 @@ class VLM:
         """Logits `[batch, n, vocab]` float32 from hidden states `[batch, n, hidden]`.
 
         Computed one batch row at a time: BLAS picks other kernels for other row counts
-        (M=1 vs M=2 differ in the last bits), and this keeps every row's logits bit-identical
-        to running that row alone.
+        (M=1 vs M=2 differ in the last bits), so the LM head adds no dependence on the batch
+        size (the layers before it may: rows agree with a run alone to float32 rounding).
         """
         return torch.stack([self.arch.lm_head(row) for row in hidden]).float()
 

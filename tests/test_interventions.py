@@ -26,45 +26,108 @@ def test_model_is_bit_identical_after_the_context(family, tiny_vlm, images, prom
     with pytest.raises(RuntimeError, match="boom"), intervene(vlm.arch, NEURONS):
         raise RuntimeError("boom")  # hooks come off on error too
     assert not torch.equal(inside, base)
-    assert torch.equal(vlm.next_token_logits(images, prompts), base)
+    assert torch.equal(vlm.next_token_logits(images, prompts), base)    # the same batch again: bitwise
     assert all(not l.o_proj._forward_pre_hooks and not l.down_proj._forward_pre_hooks for l in vlm.arch.layers)
+
+
+def _rows_per_layer(vlm, call):
+    """`call()`'s result and the rows each decoder layer's FFN computed in its first (prefill) call."""
+    seen: dict[int, list[int]] = {layer.index: [] for layer in vlm.arch.layers}
+    handles = [layer.down_proj.register_forward_pre_hook(
+        lambda module, args, i=layer.index: seen[i].append(args[0].shape[0])) for layer in vlm.arch.layers]
+    try:
+        result = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result, [calls[0] for _, calls in sorted(seen.items())]
+
+
+def _top2_margin(vlm, images, prompts, plans=None, *, max_new_tokens: int) -> float:
+    """Smallest gap between the two best logits over every row's greedy steps (up to its stop token)."""
+    inputs = vlm.encode(images, prompts).inputs
+    kwargs = vlm.generation_kwargs(max_new_tokens)
+    with torch.inference_mode(), intervene(vlm.arch, plans if plans is not None else Plan()), vlm.sharing(len(prompts)):
+        out = vlm.model.generate(**inputs, **kwargs, return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    gaps = []
+    for row in range(tokens.shape[0]):
+        for step, logits in enumerate(out.logits):
+            best = logits[row].topk(2).values
+            gaps.append(float(best[0] - best[1]))
+            if int(tokens[row, step]) in kwargs["eos_token_id"]:
+                break
+    return min(gaps)
+
+
+# A row run in a batch of 2 and the same row run alone go through GEMMs of other shapes (Qwen's vision
+# tower even runs every image's patches as one sequence), and BLAS picks kernels by shape, thread count
+# and CPU: they agree to float32 rounding, not to the bit. Tiny fp32 models: logits of size ~0.1-1, a
+# few ulp (1e-7) per op over 2 layers; 1e-5 leaves headroom, and any real leak between rows (a wrong
+# row's plan, mask or positions) moves them by more than 1e-3, which the tests check too.
+LOGITS = dict(rtol=0, atol=1e-5)
+OTHER = Plan.scale_neurons({0: [5, 20], 1: [7]}, 3.0)     # another plan on row 1 (acts at layer 0, like NEURONS)
 
 
 def test_rows_are_independent(family, tiny_vlm, images, prompts):
     vlm = tiny_vlm(family)
     image, prompt = [images[0]] * 2, [prompts[1]] * 2
+    # Bitwise where the computation is the same: both batches have 2 rows and both plans on row 1 act
+    # at layer 0, so no layer is shared and every GEMM has the same shape; only row 1's hooks differ.
+    batch, rows = _rows_per_layer(vlm, lambda: vlm.next_token_logits(image, prompt, plans=[None, NEURONS]))
+    other, other_rows = _rows_per_layer(vlm, lambda: vlm.next_token_logits(image, prompt, plans=[None, OTHER]))
+    assert rows == other_rows == [2] * vlm.arch.num_layers
+    assert torch.equal(batch[0], other[0])          # the unsteered row never sees row 1's plan, to the bit
+    assert (batch[1] - other[1]).abs().max() > 1e-3
+    # against the row run alone (another row count): equal up to float32 rounding
     alone = vlm.next_token_logits(image[:1], prompt[:1])
-    batch = vlm.next_token_logits(image, prompt, plans=[None, NEURONS])
-    assert torch.equal(batch[0], alone[0])          # the unsteered row is untouched, to the bit
-    assert not torch.equal(batch[1], alone[0])
-    # two rows with different plans equal their separate runs
+    torch.testing.assert_close(batch[0], alone[0], **LOGITS)
+    assert (batch[1] - alone[0]).abs().max() > 1e-3  # the steered row is steered: far beyond the tolerance
+    # two rows with different plans: each row is what it is with the other row's plan removed (same
+    # shapes again, bitwise), and what it is run alone (up to rounding)
     both = vlm.next_token_logits(image, prompt, plans=[HEADS, NEURONS])
-    assert torch.equal(both[0], vlm.next_token_logits(image[:1], prompt[:1], plans=HEADS)[0])
-    assert torch.equal(both[1], vlm.next_token_logits(image[:1], prompt[:1], plans=NEURONS)[0])
+    assert torch.equal(both[0], vlm.next_token_logits(image, prompt, plans=[HEADS, None])[0])
+    assert torch.equal(both[1], vlm.next_token_logits(image, prompt, plans=[None, NEURONS])[1])
+    torch.testing.assert_close(both[0], vlm.next_token_logits(image[:1], prompt[:1], plans=HEADS)[0], **LOGITS)
+    torch.testing.assert_close(both[1], vlm.next_token_logits(image[:1], prompt[:1], plans=NEURONS)[0], **LOGITS)
+    assert (both[0] - alone[0]).abs().max() > 1e-3 and (both[0] - both[1]).abs().max() > 1e-3
     # rows of different lengths (left padding) agree up to float rounding
     mixed = vlm.next_token_logits(images, prompts, plans=[HEADS, None])
-    torch.testing.assert_close(mixed[0], vlm.next_token_logits(images[:1], prompts[:1], plans=HEADS)[0],
-                               rtol=0, atol=1e-5)
+    assert torch.equal(mixed[1], vlm.next_token_logits(images, prompts)[1])   # same 2-row batch: bitwise
+    torch.testing.assert_close(mixed[0], vlm.next_token_logits(images[:1], prompts[:1], plans=HEADS)[0], **LOGITS)
 
 
 def test_generate_rows_are_independent(tiny_vlm, images, prompts):
     vlm = tiny_vlm("llava")
     steer = Plan.scale_neurons({0: list(range(48)), 1: list(range(48))}, 3.0)
-    both = vlm.generate([images[0]] * 2, [prompts[0]] * 2, plans=[None, steer], max_new_tokens=8)
-    assert both[0] == vlm.generate(images[:1], prompts[:1], max_new_tokens=8)[0]
-    assert both[1] == vlm.generate(images[:1], prompts[:1], plans=steer, max_new_tokens=8)[0]
+    other = Plan.scale_neurons({0: list(range(48, 96)), 1: [0]}, 0.5)
+    image, prompt = [images[0]] * 2, [prompts[0]] * 2
+    both = vlm.generate(image, prompt, plans=[None, steer], max_new_tokens=8)
+    # same 2-row batch, another plan on row 1 (at layer 0 too: same shapes): row 0 is the same tokens
+    assert both[0] == vlm.generate(image, prompt, plans=[None, other], max_new_tokens=8)[0]
+    # against the rows run alone, whose logits agree only up to rounding: greedy tokens agree while the
+    # top-2 gap at every step exceeds twice the logit tolerance (the gap can move by at most that much)
+    alone = vlm.generate(images[:1], prompts[:1], max_new_tokens=8)[0]
+    steered = vlm.generate(images[:1], prompts[:1], plans=steer, max_new_tokens=8)[0]
+    assert _top2_margin(vlm, images[:1], prompts[:1], max_new_tokens=8) > 2 * LOGITS["atol"]
+    assert _top2_margin(vlm, images[:1], prompts[:1], steer, max_new_tokens=8) > 2 * LOGITS["atol"]
+    assert both[0] == alone and both[1] == steered and steered != alone
 
 
 def test_threads_with_different_plans_match_sequential_runs(tiny_vlm, images, prompts):
     vlm = tiny_vlm("qwen2-vl")
     plans = [None, HEADS, NEURONS, Plan.ablate_heads([(1, 0)]), Plan.scale_neurons({0: [5]}, 3.0),
              Plan.scale_neurons({1: list(range(30))}, 0.5), Plan.ablate_heads([(0, 0), (0, 2)]), Plan()]
+    # bitwise: each thread runs the very batch (2 rows, same shapes) that was run here, with as many
+    # intra-op threads (torch gives every thread the same count), so only a leaked plan could change a bit
     expected = [vlm.next_token_logits(images, prompts, plans=p) for p in plans]
     results: dict[int, list] = {i: [] for i in range(len(plans))}
+    threads_used: set[int] = set()
     barrier = threading.Barrier(len(plans))
 
     def work(i):
         barrier.wait()
+        threads_used.add(torch.get_num_threads())
         for _ in range(5):
             results[i].append(vlm.next_token_logits(images, prompts, plans=plans[i]))
 
@@ -73,6 +136,7 @@ def test_threads_with_different_plans_match_sequential_runs(tiny_vlm, images, pr
         t.start()
     for t in threads:
         t.join()
+    assert threads_used == {torch.get_num_threads()}
     assert len({tuple(e.flatten()[:8].tolist()) for e in expected}) == len(plans) - 1  # None == Plan()
     for i, outs in results.items():
         assert len(outs) == 5 and all(torch.equal(o, expected[i]) for o in outs), f"thread {i} saw another plan"
@@ -105,6 +169,7 @@ def test_mean_replacement_is_exact(tiny_vlm, images, prompts):
     expected = plain.clone()
     expected[:, :, 2] = (plain[:, :, 0] + plain[:, :, 1] + plain[:, :, 3]) / 3
     torch.testing.assert_close(ablated, expected)
+    # the same 2-row batch both times (the plan acts only at layer 1): the other heads are untouched, bitwise
     assert torch.equal(ablated[:, :, [0, 1, 3]], plain[:, :, [0, 1, 3]])
 
 

@@ -49,6 +49,8 @@ def test_rank_writes_an_artifact_and_a_killed_run_resumes_to_the_same_one(toy_vl
     with pytest.raises(ProgressMismatchError, match="other arguments"):
         _rank(toy_vlm, items, tmp_path / "resumed", RankParams(utility="logprob", top_heads=2, batch_size=8))
     resumed = _rank(toy_vlm, items, tmp_path / "resumed", params)
+    # bitwise: saved progress round-trips exactly (JSON floats, float64 safetensors) and the rest of the
+    # run computes the very same batches as the whole run did
     for name in ("head_scores", "importance"):
         assert torch.equal(getattr(resumed.tasks["vqa"], name), getattr(ranking, name))
     assert torch.equal(resumed.tasks["vqa"].baselines["dvp"], ranking.baselines["dvp"])

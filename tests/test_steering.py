@@ -154,6 +154,7 @@ def test_a_killed_run_resumes_at_the_epoch_boundary(tiny_vlm, tmp_path, monkeypa
     with pytest.raises(SteeringProgressError, match="other settings"):
         learn_scales(vlm, items, SELECTION, cfg=SteerConfig(lr=0.01, epochs=3), checkpoint=checkpoint, progress=False)
     resumed = learn_scales(vlm, items, SELECTION, cfg=FAST, checkpoint=checkpoint, progress=False)
+    # bitwise: the checkpoint restores the exact state, and the remaining epoch runs the same batches
     assert torch.equal(resumed.scales.scale, whole.scales.scale)
     assert resumed.history == whole.history
 
