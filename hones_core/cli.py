@@ -362,8 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    ok = False
+    try:
+        args.func(args)
+        ok = True
+    finally:
+        _end_distributed(wait=ok)
     return 0
+
+
+def _end_distributed(*, wait: bool) -> None:
+    """Destroy the torch.distributed group a command set up (`distributed.current()`), if any.
+
+    Waits for every process first after a success; after an error it only destroys the group.
+    """
+    if "hones_core.distributed" not in sys.modules:      # never imported: nothing was set up
+        return
+    from . import distributed
+
+    distributed.shutdown(wait=wait)
 
 
 if __name__ == "__main__":

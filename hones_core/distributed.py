@@ -12,6 +12,7 @@ ratios, positive parts and top-K taken. Results do not depend on the number of p
 beyond float64 rounding of the final additions.
 
 Started without a launcher, `current()` is one process and every reduction is the identity.
+A process that called `current()` ends with `shutdown()` (the CLI does it for every command).
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def current(*, cpu: bool | None = None) -> Shard:
         return Shard()
     from accelerate import PartialState
 
+    # Imported before the group exists: its functions take `group=group.WORLD` as a default argument,
+    # evaluated at import. Imported later (transformers does, while loading a model), they would keep
+    # the default group alive after `shutdown()` destroys it, and with it gloo's threads.
+    import torch.distributed.nn.functional  # noqa: F401
+
     if cpu is None:
         cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
@@ -101,6 +107,33 @@ def current(*, cpu: bool | None = None) -> Shard:
                            f"{state.num_processes}; check the launch command (accelerate launch --num_processes N)")
     return Shard(state.process_index, state.num_processes, device=str(state.device),
                  local_index=state.local_process_index)
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """End torch.distributed in this process if it was set up (a no-op otherwise): call it once, at the end.
+
+    Without it the process group lives until interpreter exit, and so do gloo's worker threads.
+    One of them may still hold the last collective's work, with the tensors of a Python
+    `torch.Tensor`; freeing them takes the GIL, and a thread asking for the GIL while Python
+    finalizes is ended with `pthread_exit`, whose unwinding through a C++ destructor calls
+    `std::terminate` ("terminate called without an active exception", SIGABRT). Destroying the
+    group frees it, which joins those threads while Python still runs (as long as nothing else
+    holds the group: see the import in `current()`).
+
+    Args:
+        wait: first wait for every process (a barrier), so that no process leaves while another
+            still needs it. Pass False on an error: the other processes may be inside a collective
+            that the barrier would not match; the group is then only destroyed, a local step.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def take(items: Sequence[T], rows: Sequence[range]) -> list[T]:

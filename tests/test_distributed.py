@@ -36,6 +36,8 @@ def _run(processes: int, *args: str) -> str:
     done = subprocess.run(_command(processes, *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, f"{processes} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    # a gloo thread left alive at interpreter exit aborts the process (distributed.shutdown)
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]
     return done.stdout
 
 
@@ -114,6 +116,69 @@ def test_mask_eval_with_two_processes_matches_one(ranked, tmp_path):
                 assert values[key] == pytest.approx(two["tasks"][task][method][key], abs=1e-9), (task, method, key)
     # masking 5 % of the neurons moves the caption metric for at least one method
     assert any(v["abs_drop"] != 0 for v in one["tasks"]["caption"].values())
+
+
+# Run under `accelerate launch`: set up torch.distributed, run one CLI command in this process, and
+# report gloo's threads (named by torch) while the group is up and once the command has returned.
+CLI_IN_PROCESS = """
+import json, os, sys, time
+import torch
+import torch.distributed as dist
+from hones_core import cli, distributed
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+shard = distributed.current(cpu=True)     # the command's own current() finds this group
+shard.sum(torch.ones(1))                  # gloo starts its worker threads with the first collective
+during = gloo_threads()
+try:
+    cli.main(sys.argv[1:])
+    outcome = "ok"
+except Exception as e:
+    outcome = type(e).__name__
+deadline = time.monotonic() + 10          # a joined thread may linger in /proc for a moment
+while gloo_threads() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("REPORT " + json.dumps({"rank": shard.index, "outcome": outcome, "during": during, "after": gloo_threads(),
+                              "initialized": dist.is_initialized()}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
+def test_every_command_ends_torch_distributed_also_after_an_error(ranked, tmp_path):
+    """A gloo thread still alive at interpreter exit can abort the process (`distributed.shutdown`)."""
+    out, data, _, _ = ranked
+    script = tmp_path / "cli_in_process.py"
+    script.write_text(CLI_IN_PROCESS)
+    args = [a if a != "all" else "caption" for a in RANK_ARGS]
+    runs = {"ok": ["mask-eval", *args, "--data", data, "--rankings", str(out / "1"), "--methods", "hones",
+                   "--top-ratio", "0.05"],
+            "FileNotFoundError": ["rank", *args, "--data", str(tmp_path / "missing.json"), "--out",
+                                  str(tmp_path / "never")]}
+    for outcome, argv in runs.items():
+        command = _command(2, *argv)
+        i = len(command) - 1 - command[::-1].index("hones_core")
+        command[i - 1:i + 1] = [str(script)]                      # the script instead of `-m hones_core`
+        done = subprocess.run(command, cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"{outcome}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "terminate called" not in done.stderr, done.stderr[-3000:]
+        reports = sorted((json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+                          if line.startswith("REPORT ")), key=lambda r: r["rank"])
+        assert [r["rank"] for r in reports] == [0, 1], done.stdout[-3000:]
+        for r in reports:
+            assert r["outcome"] == outcome, r
+            assert "pt_gloo_runloop" in r["during"], r          # the check below sees gloo's threads
+            assert r["after"] == [] and not r["initialized"], r  # group destroyed, its threads joined
+
+
+def test_shutdown_without_a_group_does_nothing():
+    assert not torch.distributed.is_initialized()
+    distributed.shutdown()
+    distributed.shutdown(wait=False)
+    assert not torch.distributed.is_initialized()
 
 
 def test_batches_are_dealt_round_robin_and_cover_every_row():
