@@ -141,8 +141,11 @@ except Exception as e:
 deadline = time.monotonic() + 10          # a joined thread may linger in /proc for a moment
 while gloo_threads() and time.monotonic() < deadline:
     time.sleep(0.05)
-print("REPORT " + json.dumps({"rank": shard.index, "outcome": outcome, "during": during, "after": gloo_threads(),
-                              "initialized": dist.is_initialized()}), flush=True)
+report = {"rank": shard.index, "outcome": outcome, "during": during, "after": gloo_threads(),
+          "initialized": dist.is_initialized()}
+# one file per process: two processes printing to one pipe can interleave their lines
+with open(os.path.join(os.environ["HONES_REPORT_DIR"], f"{shard.index}.json"), "w") as f:
+    json.dump(report, f)
 """
 
 
@@ -161,12 +164,15 @@ def test_every_command_ends_torch_distributed_also_after_an_error(ranked, tmp_pa
         command = _command(2, *argv)
         i = len(command) - 1 - command[::-1].index("hones_core")
         command[i - 1:i + 1] = [str(script)]                      # the script instead of `-m hones_core`
-        done = subprocess.run(command, cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
-                              text=True, timeout=300)
+        reports_dir = tmp_path / f"reports-{outcome}"
+        reports_dir.mkdir()
+        done = subprocess.run(command, cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT),
+                                                      "HONES_REPORT_DIR": str(reports_dir)},
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{outcome}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         assert "terminate called" not in done.stderr, done.stderr[-3000:]
-        reports = sorted((json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
-                          if line.startswith("REPORT ")), key=lambda r: r["rank"])
+        reports = sorted((json.loads(path.read_text()) for path in reports_dir.glob("*.json")),
+                         key=lambda r: r["rank"])
         assert [r["rank"] for r in reports] == [0, 1], done.stdout[-3000:]
         for r in reports:
             assert r["outcome"] == outcome, r
