@@ -35,7 +35,7 @@ def _env() -> dict:
 def _run(processes: int, *args: str) -> str:
     done = subprocess.run(_command(processes, *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, f"{processes} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{processes} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-12000:]}"
     # a gloo thread left alive at interpreter exit aborts the process (distributed.shutdown)
     assert "terminate called" not in done.stderr, done.stderr[-3000:]
     return done.stdout
