@@ -4,6 +4,7 @@ The multi-process runs go through the real launcher, `accelerate launch`, which 
 torch.distributed workers; results must not depend on the number of processes.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -53,8 +54,45 @@ def _kill_after_first_layer(args: list[str], state_file: Path) -> None:
             time.sleep(0.05)
         assert launcher.poll() is None, "the run ended before it could be killed"
     finally:
+        # torch's launcher starts each worker in a session of its own (start_new_session), so killing the
+        # launcher's process group leaves the workers running, and they would race the resumed run
+        # (both writing .progress): kill every descendant, then wait until they are gone
+        processes = _descendants(launcher.pid)
         os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launcher.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in processes):
+            assert time.monotonic() < deadline, f"workers {processes} outlived SIGKILL"
+            time.sleep(0.05)
+    assert len(processes) >= 2, f"expected the launcher's 2 workers among its descendants, found {processes}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "gone"
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root` (Linux /proc), whatever session it is in."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture(scope="module")
