@@ -178,10 +178,12 @@ def soak(n_requests: int, n_threads: int, seed: int, deadline_s: float, n_warmup
         def warm(index: int) -> None:
             if not hasattr(local, "client"):
                 local.client = Client(server.url, verbose=False, download_files=False)
+            case = warm_cases[index]
             try:
-                local.client.predict(*_args(warm_cases[index]), api_name="/run")
-            except AppError:
-                pass            # the warm-up's bad inputs are refused, as they should be; not counted
+                local.client.predict(*_args(case), api_name="/run")
+            except AppError as err:     # only a bad input may be refused, and with its own message
+                if case["bad"] is None or BAD_KINDS[case["bad"]] not in str(err):
+                    raise RuntimeError(f"warm-up request {index} ({case['bad'] or 'good'}) failed: {err}") from err
         pool = ThreadPoolExecutor(n_threads)
         list(pool.map(warm, range(len(warm_cases))))
         rss_before = _rss_mb(server.process.pid)

@@ -145,3 +145,19 @@ class InsideCalls:
             else:
                 self.outside += 1
         return vlm.arch.layers[0].up_proj.register_forward_pre_hook(seen)
+
+
+def top2_gap(scores, tokens, stops) -> float:
+    """Smallest gap between the two best logits over every row's greedy steps (up to its stop token).
+
+    Greedy tokens of two runs that agree only up to float rounding are the same while this gap
+    exceeds twice the rounding: the tests check it before comparing generated text.
+    """
+    gaps = []
+    for row in range(tokens.shape[0]):
+        for step, logits in enumerate(scores):
+            best = logits[row].topk(2).values
+            gaps.append(float(best[0] - best[1]))
+            if int(tokens[row, step]) in stops:
+                break
+    return min(gaps)

@@ -5,6 +5,8 @@ import torch
 
 from hones_core.interventions import LearnedScale, NeuronScale, Plan, intervene
 
+from conftest import top2_gap
+
 HEADS = Plan.ablate_heads([(0, 1), (1, 3)])
 NEURONS = Plan.scale_neurons({0: [1, 2, 3], 1: [10, 50]}, 0.0)
 
@@ -50,14 +52,7 @@ def _top2_margin(vlm, images, prompts, plans=None, *, max_new_tokens: int) -> fl
     with torch.inference_mode(), intervene(vlm.arch, plans if plans is not None else Plan()), vlm.sharing(len(prompts)):
         out = vlm.model.generate(**inputs, **kwargs, return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    gaps = []
-    for row in range(tokens.shape[0]):
-        for step, logits in enumerate(out.logits):
-            best = logits[row].topk(2).values
-            gaps.append(float(best[0] - best[1]))
-            if int(tokens[row, step]) in kwargs["eos_token_id"]:
-                break
-    return min(gaps)
+    return top2_gap(out.logits, tokens, kwargs["eos_token_id"])
 
 
 # A row run in a batch of 2 and the same row run alone go through GEMMs of other shapes (Qwen's vision

@@ -3,6 +3,8 @@ import torch
 
 from hones_core.models import ModelLoadError, load_vlm
 
+from conftest import top2_gap
+
 
 def test_load_vlm_reads_a_saved_directory(family, tiny_dir):
     vlm = load_vlm(tiny_dir(family), device="cpu")
@@ -132,14 +134,7 @@ def _generate(vlm, images, prompts, plans, *, shared: bool, max_new_tokens: int 
     with torch.inference_mode(), intervene(vlm.arch, plans), (share_images(vlm.arch) if shared else nullcontext()):
         out = vlm.model.generate(**inputs, **kwargs, return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    gaps = []
-    for row in range(tokens.shape[0]):
-        for step, logits in enumerate(out.logits):
-            best = logits[row].topk(2).values
-            gaps.append(float(best[0] - best[1]))
-            if int(tokens[row, step]) in kwargs["eos_token_id"]:
-                break
-    return tokens.tolist(), min(gaps)
+    return tokens.tolist(), top2_gap(out.logits, tokens, kwargs["eos_token_id"])
 
 
 def _tower_outputs(vlm, images, prompts) -> list[torch.Tensor]:

@@ -21,6 +21,8 @@ from hones_core.arch import UnsupportedModelError
 from hones_core.interventions import Plan, intervene
 from hones_core.models import _decoder_layers, _fresh_cache, share_images, share_prefix, share_rows
 
+from conftest import top2_gap
+
 
 def _noisy(seed: int, size: tuple[int, int]):
     from PIL import Image
@@ -82,18 +84,6 @@ class _RowCounter:
             handle.remove()
 
 
-def _top2_gap(scores, tokens, stops) -> float:
-    """Smallest gap between the two best logits over every row's greedy steps (up to its stop token)."""
-    gaps = []
-    for row in range(tokens.shape[0]):
-        for step, logits in enumerate(scores):
-            best = logits[row].topk(2).values
-            gaps.append(float(best[0] - best[1]))
-            if int(tokens[row, step]) in stops:
-                break
-    return min(gaps)
-
-
 def _run(vlm, images, prompts, plans, *, shared: bool, capture: str | None = None, max_new_tokens: int = 6):
     """Generated tokens, final hidden states, captured FFN activations (generate's, the forward's) and the
     smallest top-2 logit gap of the greedy steps, with or without prefix sharing."""
@@ -107,7 +97,7 @@ def _run(vlm, images, prompts, plans, *, shared: bool, capture: str | None = Non
         hidden = vlm.last_hidden(inputs)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     return (tokens, hidden, (generated.neurons if capture else {}), (forward.neurons if capture else {}),
-            _top2_gap(out.logits, tokens, kwargs["eos_token_id"]))
+            top2_gap(out.logits, tokens, kwargs["eos_token_id"]))
 
 
 def _assert_same(a, b, *, exact: bool = False):
