@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 
-class UnsupportedModelError(ValueError):
-    """The model's family or module layout is not one HONES knows how to intervene on."""
+
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .errors import DataFormatError
 
-class DataFormatError(ValueError):
-    """A data file or one of its records is malformed; the message names where and what."""
+
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ from PIL import Image, UnidentifiedImageError
 from . import __version__, metrics, plots
 from . import rankings as rankings_lib
 from .assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS
-from .data import DataFormatError, draw_ocr_box
+from .data import draw_ocr_box
+from .errors import (DataFormatError, DemoConfigError, DemoInputError, ModelLoadError, RankingsError,
+                     RankingsMismatchError, UnsupportedModelError)
 from .interventions import NeuronScale, Plan, intervene
 from .models import VLM, Encoded, load_vlm
 from .tasks import TASKS, caption_prompt, clean_answer, ocr_prompt, retrieval_prompt, vqa_prompt
@@ -67,12 +69,8 @@ METHOD_LABELS = {"hones": "HONES", "activation": "activation magnitude (baseline
                  "learned": "learned scales"}
 
 
-class DemoInputError(ValueError):
-    """Something a visitor sent cannot be used; the message says what and how to fix it."""
 
 
-class DemoConfigError(RuntimeError):
-    """The app cannot start with this model / rankings configuration."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -425,14 +423,11 @@ class DemoService:
             DemoConfigError: either cannot be loaded, the device does not exist, or the two do not
                 match; the message names the model and the rankings.
         """
-        from .arch import UnsupportedModelError
-        from .models import ModelLoadError
-
         pair = f"(model {_at(model, model_revision)}, rankings {_at(rankings, rankings_revision)})"
         check_device(device)
         try:
             artifact = rankings_lib.load(rankings, revision=rankings_revision)
-        except (rankings_lib.RankingsError, ValueError) as err:
+        except (RankingsError, ValueError) as err:
             raise DemoConfigError(f"HONES_RANKINGS={rankings} cannot be loaded {pair}: {err}") from err
         try:
             vlm = load_vlm(model, revision=model_revision, device=device, dtype=dtype)
@@ -440,7 +435,7 @@ class DemoService:
             raise DemoConfigError(f"HONES_MODEL={model} cannot be loaded {pair}: {err}") from err
         try:
             return cls(vlm, artifact, rankings_source=artifact.source)
-        except rankings_lib.RankingsMismatchError as err:
+        except RankingsMismatchError as err:
             raise DemoConfigError(f"the rankings {_at(rankings, rankings_revision)} do not belong to the model "
                                   f"{_at(model, model_revision)}: {err}") from err
 

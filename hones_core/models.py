@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .arch import Architecture, UnsupportedModelError, _get
+from .arch import Architecture, _get
+from .errors import ModelLoadError, TemplateError, UnsupportedModelError
 from .interventions import Plan, RefCountedHooks, RowView, intervene, model_key, plan_classes, row_views, set_row_view
 
 ImageLike = Image.Image | str | Path
@@ -56,12 +57,8 @@ _PLACEHOLDER_PROMPT = "HONESPROMPT"
 _PLACEHOLDER_ANSWER = "HONESANSWER"
 
 
-class ModelLoadError(OSError):
-    """The model or its processor could not be loaded."""
 
 
-class TemplateError(ValueError):
-    """The chat template or tokenizer does not let us place an answer after a prompt."""
 
 
 @dataclass
@@ -118,9 +115,11 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
     source = str(name_or_path)
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
-        raise ModelLoadError(f"{source} is a file; pass the directory that holds config.json")
+        raise ModelLoadError(f"{source} is a file; pass the directory that holds config.json", model=source,
+                             revision=revision)
     if not local.exists() and (local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
-        raise ModelLoadError(f"no such model directory: {source} (and it is not a Hub id of the form org/name)")
+        raise ModelLoadError(f"no such model directory: {source} (and it is not a Hub id of the form org/name)",
+                             model=source, revision=revision)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement)
@@ -129,8 +128,8 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
         raise ModelLoadError(
             f"could not load model {source!r}{f' at revision {revision}' if revision else ''}: {err}\n"
             "Check the Hub id or the local directory (it needs config.json, weights and the processor files); "
-            "without network, set HF_HUB_OFFLINE=1 and use a model already in the cache."
-        ) from err
+            "without network, set HF_HUB_OFFLINE=1 and use a model already in the cache.",
+            model=source, revision=revision) from err
     if device_map is None:
         model.to(device)
     model.eval()

@@ -15,7 +15,6 @@ number of processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -26,16 +25,15 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__, rankings
-from .rankings import atomic_write
 from .attribution import Sums, attribute
 from .distributed import Shard
+from .errors import ProgressMismatchError
+from .files import atomic_write, bytes_digest
 from .localization import default_top_heads, score_heads
 from .models import VLM
 from .tasks import TaskItem
 
 
-class ProgressMismatchError(RuntimeError):
-    """The output folder holds progress of a run with other arguments."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class Progress:
             if state["fingerprint"] != fingerprint:
                 raise ProgressMismatchError(
                     f"{out} holds progress of a rank run with other arguments ({state['arguments']}); "
-                    f"rerun with those arguments to continue, or delete {self.dir} to start over")
+                    f"rerun with those arguments to continue, or delete {self.dir} to start over", path=self.dir)
             self.state = state
         else:
             self.state = {"fingerprint": fingerprint, "arguments": "", "tasks": {}}
@@ -93,7 +91,7 @@ class Progress:
 def fingerprint(vlm: VLM, data_file: str, tasks: Sequence[str], params: RankParams) -> tuple[str, str]:
     arguments = json.dumps({"model": vlm.name, "revision": vlm.revision, "data": str(Path(data_file).resolve()),
                             "tasks": list(tasks), **asdict(params)}, sort_keys=True)
-    return hashlib.sha256(arguments.encode()).hexdigest()[:16], arguments
+    return bytes_digest(arguments.encode(), length=16), arguments
 
 
 def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress: Progress, arguments: str,

@@ -36,6 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
+from .errors import RankingsError, RankingsMismatchError, RankingsNotFoundError, RankingsSchemaError
+from .files import atomic_write, json_bytes, read_json
 from .tasks import TASKS
 
 SCHEMA = "hones-rankings/1"
@@ -52,20 +54,12 @@ CARD_FILE = "README.md"
 OFFICIAL_FILES = ("heads.json", "head_scores.npy", "neuron_importance.npy", "neurons_top1pct.json")
 
 
-class RankingsError(Exception):
-    """Base class of everything this module raises about an artifact."""
 
 
-class RankingsSchemaError(RankingsError):
-    """An artifact file is missing, unreadable, or holds the wrong keys, shapes or dtypes."""
 
 
-class RankingsMismatchError(RankingsError):
-    """The rankings were computed for a model with other shapes or another family."""
 
 
-class RankingsNotFoundError(RankingsError):
-    """No artifact at that path, or the Hub repo / revision cannot be found or reached."""
 
 
 # --------------------------------------------------------------------------- data
@@ -389,24 +383,8 @@ def _check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> No
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()
 
 
 def _top_json(ranking: TaskRanking) -> dict:
@@ -425,7 +403,7 @@ def _write_task(directory: Path, ranking: TaskRanking) -> None:
     task_dir = directory / ranking.task
     atomic_write(task_dir / HEADS_FILE, safetensors_bytes({"head_scores": ranking.head_scores}))
     atomic_write(task_dir / NEURONS_FILE, safetensors_bytes({"importance": ranking.importance, **ranking.baselines}))
-    atomic_write(task_dir / TOP_FILE, _json_bytes(_top_json(ranking)))
+    atomic_write(task_dir / TOP_FILE, json_bytes(_top_json(ranking)))
     if ranking.scales is not None:
         _write_scales(task_dir / SCALES_FILE, ranking.scales)
     elif (task_dir / SCALES_FILE).exists():
@@ -487,7 +465,7 @@ def save(rankings: Rankings, path: str | Path, *, figures: Mapping[str, str] | N
         _write_task(directory, ranking)
     figures = _card_figures(directory) if figures is None else figures
     atomic_write(directory / CARD_FILE, dataset_card(rankings, figures).encode())
-    atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))   # last: it commits the rest
+    atomic_write(directory / MANIFEST, json_bytes(_manifest(rankings)))   # last: it commits the rest
     return directory
 
 
@@ -505,7 +483,7 @@ def save_task(rankings_dir: str | Path, task_ranking: TaskRanking) -> Path:
     rankings.tasks[task_ranking.task] = task_ranking
     _write_task(directory, task_ranking)
     atomic_write(directory / CARD_FILE, dataset_card(rankings, _card_figures(directory)).encode())
-    atomic_write(directory / MANIFEST, _json_bytes(_manifest(rankings)))
+    atomic_write(directory / MANIFEST, json_bytes(_manifest(rankings)))
     return directory / task_ranking.task
 
 
@@ -626,19 +604,12 @@ def _existing_dir(directory: Path) -> Path:
     if not directory.exists():
         raise RankingsNotFoundError(f"no rankings folder at {directory} — check the path, or compute one with "
                                     f"`python -m hones_core rank --model <model> --data <file> --task all "
-                                    f"--out {directory}`")
+                                    f"--out {directory}`", source=str(directory))
     if not directory.is_dir():
-        raise RankingsNotFoundError(f"{directory} is a file; a rankings artifact is a folder with {MANIFEST}")
+        raise RankingsNotFoundError(f"{directory} is a file; a rankings artifact is a folder with {MANIFEST}", source=str(directory))
     return directory
 
 
-def _read_json(path: Path, shown: str) -> Any:
-    if not path.is_file():
-        raise RankingsSchemaError(f"{shown} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RankingsSchemaError(f"{shown} is not valid JSON: {e}") from e
 
 
 def _read_tensors(path: Path, shown: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -700,7 +671,7 @@ def _read_task(directory: Path, task: str, model: ModelInfo, origin: str) -> Tas
     importance = _expect(neurons, "importance", shape, torch.float32, shown(NEURONS_FILE))
     baselines = {name: _expect(neurons, name, shape, torch.float32, shown(NEURONS_FILE))
                  for name in neurons if name != "importance"}
-    top = _read_json(directory / task / TOP_FILE, shown(TOP_FILE))
+    top = read_json(directory / task / TOP_FILE, shown=shown(TOP_FILE), error=RankingsSchemaError)
     if not isinstance(top, dict):
         raise RankingsSchemaError(f"{shown(TOP_FILE)} must hold an object")
     for key, kind in (("ranked", list), ("top_heads", list), ("fallback", bool), ("ratio", (int, float))):
@@ -731,7 +702,7 @@ def _read_task(directory: Path, task: str, model: ModelInfo, origin: str) -> Tas
 
 
 def _read_dir(directory: Path, *, origin: str) -> Rankings:
-    manifest = _read_json(directory / MANIFEST, f"{origin}/{MANIFEST}")
+    manifest = read_json(directory / MANIFEST, shown=f"{origin}/{MANIFEST}", error=RankingsSchemaError)
     shown = f"{origin}/{MANIFEST}"
     if not isinstance(manifest, dict):
         raise RankingsSchemaError(f"{shown} must hold an object")
@@ -797,33 +768,33 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | Path | Non
     except GatedRepoError as e:
         raise RankingsNotFoundError(
             f"the Hub dataset repo {repo_id} is gated: accept its conditions on the Hub and set HF_TOKEN "
-            f"(or pass token=)") from e
+            f"(or pass token=)", source=repo_id, revision=revision) from e
     except RepositoryNotFoundError as e:
         raise RankingsNotFoundError(
             f"no Hub dataset repo {repo_id} (and no local folder of that name): check the id, and for a private "
-            f"repo set HF_TOKEN (or pass token=) with read access") from e
+            f"repo set HF_TOKEN (or pass token=) with read access", source=repo_id, revision=revision) from e
     except RevisionNotFoundError as e:
         raise RankingsNotFoundError(
-            f"the Hub dataset repo {repo_id} has no revision {revision!r}: check the branch, tag or commit sha") from e
+            f"the Hub dataset repo {repo_id} has no revision {revision!r}: check the branch, tag or commit sha", source=repo_id, revision=revision) from e
     except LocalEntryNotFoundError as e:
         if incomplete is not None and isinstance(e, incomplete):
             raise RankingsNotFoundError(
                 f"the cached copy of {at} is incomplete and the Hub cannot be reached to complete it: download "
-                f"it again online (unset HF_HUB_OFFLINE)") from e
+                f"it again online (unset HF_HUB_OFFLINE)", source=repo_id, revision=revision) from e
         first_line = (str(e.__cause__).splitlines() or [""])[0]
         cause = f" ({type(e.__cause__).__name__}: {first_line})" if e.__cause__ is not None else ""
         if constants.is_offline_mode():
             raise RankingsNotFoundError(
                 f"{at} is no local folder, and not in the Hub cache while offline mode is on (HF_HUB_OFFLINE=1): "
-                f"download it once online, or unset HF_HUB_OFFLINE") from e
+                f"download it once online, or unset HF_HUB_OFFLINE", source=repo_id, revision=revision) from e
         raise RankingsNotFoundError(
             f"{at} is no local folder, and could not reach the Hub at {constants.ENDPOINT} to download it, nor "
             f"find it in the cache{cause}: "
-            f"check the connection (or HF_ENDPOINT); with HF_HUB_OFFLINE=1 a cached copy is used") from e
+            f"check the connection (or HF_ENDPOINT); with HF_HUB_OFFLINE=1 a cached copy is used", source=repo_id, revision=revision) from e
     except _transport_errors() as e:
         raise RankingsNotFoundError(
             f"lost the connection to the Hub at {constants.ENDPOINT} while downloading {at}: {e} — retry, or "
-            f"use a cached copy with HF_HUB_OFFLINE=1") from e
+            f"use a cached copy with HF_HUB_OFFLINE=1", source=repo_id, revision=revision) from e
 
 
 def load(source: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -853,7 +824,7 @@ def load(source: str | Path, *, revision: str | None = None, cache_dir: str | Pa
     source = str(source)
     if not _looks_like_repo_id(source):
         raise RankingsNotFoundError(f"no rankings folder at {path}, and {source!r} is not a Hub repo id "
-                                    f"('org/name') — check the path")
+                                    f"('org/name') — check the path", source=str(source), revision=revision)
     snapshot = _download(source, revision=revision, cache_dir=cache_dir, token=token)
     rankings = _read_dir(snapshot, origin=f"{source}@{revision}" if revision else source)
     # a Hub snapshot folder is named after the commit it holds
@@ -890,7 +861,7 @@ def push(path: str | Path, repo_id: str, *, token: str | None = None, private: b
 
     directory = Path(path)
     if not directory.is_dir():
-        raise RankingsNotFoundError(f"no rankings folder at {directory} — `push` uploads a local artifact folder")
+        raise RankingsNotFoundError(f"no rankings folder at {directory} — `push` uploads a local artifact folder", source=repo_id)
     rankings = _read_dir(directory, origin=str(directory))
     left_out = [f"{task}/*" for task in TASKS if task not in rankings.tasks]
     api = HfApi(token=token)
@@ -903,7 +874,7 @@ def push(path: str | Path, repo_id: str, *, token: str | None = None, private: b
                                  ignore_patterns=[".*", "**/.*", *left_out])
     except _transport_errors() as e:
         raise RankingsNotFoundError(f"could not reach the Hub at {constants.ENDPOINT} to push {repo_id}: {e} — "
-                                    f"check the connection (or HF_ENDPOINT)") from e
+                                    f"check the connection (or HF_ENDPOINT)", source=repo_id) from e
 
 
 # --------------------------------------------------------------------------- official release
@@ -964,7 +935,7 @@ def import_official(files_dir: str | Path, *, task: str, model: ModelInfo) -> Ta
                                   f"{model.describe()} needs [{L}, {I}] (layers, intermediate size)")
 
     heads_path = directory / "heads.json"
-    heads = _read_json(heads_path, str(heads_path))
+    heads = read_json(heads_path, shown=str(heads_path), error=RankingsSchemaError)
     if not isinstance(heads, dict) or not isinstance(heads.get("top_heads"), list):
         raise RankingsSchemaError(f"{heads_path} must be an object with a 'top_heads' list")
     top_heads: list[tuple[int, int]] = []
@@ -983,7 +954,7 @@ def import_official(files_dir: str | Path, *, task: str, model: ModelInfo) -> Ta
         positive |= score > 0
 
     top_path = directory / "neurons_top1pct.json"
-    top = _read_json(top_path, str(top_path))
+    top = read_json(top_path, shown=str(top_path), error=RankingsSchemaError)
     if not isinstance(top, list) or not top:
         raise RankingsSchemaError(f"{top_path} must be a non-empty list of neurons")
     try:

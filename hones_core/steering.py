@@ -32,7 +32,6 @@ date after each method; learned training writes a checkpoint at every epoch boun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,12 +45,14 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from . import rankings
+from .errors import ProgressMismatchError
 from .evaluation import evaluate
+from .files import atomic_write, digest
 from .interventions import LearnedScale, NeuronScale, Plan, intervene
 from .localization import utilities
 from .metrics import METRIC_NAMES
 from .models import VLM, Encoded
-from .rankings import Scales, TaskRanking, atomic_write
+from .rankings import Scales, TaskRanking
 from .tasks import TaskItem
 
 METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
@@ -61,10 +62,9 @@ FIXED_FACTOR = 2.0
 RESULTS_FILE = "results.json"
 
 Selection = dict[int, list[int]]
+SteeringProgressError = ProgressMismatchError     # the name before errors.py; same failure as a rank run's
 
 
-class SteeringProgressError(RuntimeError):
-    """The output folder holds results or a checkpoint of a steer run with other arguments."""
 
 
 @dataclass(frozen=True)
@@ -239,10 +239,6 @@ def _lr(cfg: SteerConfig, step: int, total: int) -> float:
     return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * step / max(1, total - 1)))
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _save_checkpoint(path: Path, key: str, epoch: int, scale: torch.Tensor, optimizer: torch.optim.Optimizer,
                      history: dict) -> None:
     state = optimizer.state_dict()["state"].get(0, {})
@@ -261,9 +257,9 @@ def _load_checkpoint(path: Path, key: str, scale: torch.Tensor, optimizer: torch
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("key") != key:
-            raise SteeringProgressError(
+            raise ProgressMismatchError(
                 f"{path} is a checkpoint of a training run with other settings, data or neurons; "
-                f"rerun with those, or delete {path} to start this training over")
+                f"rerun with those, or delete {path} to start this training over", path=path)
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     with torch.no_grad():
         scale.copy_(tensors["scale"])
@@ -303,7 +299,7 @@ def learn_scales(vlm: VLM, items: Sequence[TaskItem], selection: Mapping[int, Se
     optimizer = torch.optim.AdamW([scale], lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / cfg.accumulation)
     total = cfg.epochs * steps_per_epoch
-    key = _digest({"cfg": asdict(cfg), "layers": layers.tolist(), "neurons": neurons.tolist(), "model": vlm.name,
+    key = digest({"cfg": asdict(cfg), "layers": layers.tolist(), "neurons": neurons.tolist(), "model": vlm.name,
                    "examples": [(e.item.record_index, str(e.item.image_path), e.prompt, e.answer) for e in examples]})
     start_epoch, history = 0, {"dev_ce": [], "train_loss": [], "steps": 0}
     path = Path(checkpoint) if checkpoint is not None else None
@@ -416,16 +412,17 @@ def run_task(vlm: VLM, ranking: TaskRanking, dev_items: Sequence[TaskItem], test
     results_path = task_dir / RESULTS_FILE
     arguments = {"model": vlm.name, "revision": vlm.revision, "dtype": str(next(vlm.model.parameters()).dtype),
                  "task": task, "ratio": ratio, "cfg": asdict(cfg), "grid": list(GRID),
-                 "selection": _digest(sorted((l, n) for l, ns in selection.items() for n in ns)),
+                 "selection": digest(sorted((l, n) for l, ns in selection.items() for n in ns)),
                  "dev": [str(i.image_path) for i in dev_items], "test": [str(i.image_path) for i in test_items],
                  **dict(run_info or {})}
-    key = _digest(arguments)
+    key = digest(arguments)
     if results_path.exists():
         doc = json.loads(results_path.read_text())
         if doc.get("fingerprint") != key:
-            raise SteeringProgressError(
+            raise ProgressMismatchError(
                 f"{task_dir} holds steering results of a run with other arguments ({doc.get('arguments')}); rerun "
-                f"with those arguments to continue, or use another --out (or delete {task_dir}) to start over")
+                f"with those arguments to continue, or use another --out (or delete {task_dir}) to start over",
+                path=results_path)
     else:
         doc = {"fingerprint": key, "arguments": {k: v for k, v in arguments.items() if k not in ("dev", "test")},
                "task": task, "metric_name": METRIC_NAMES[task], "ratio": ratio,
