@@ -100,7 +100,8 @@ def cmd_rank(args: argparse.Namespace) -> dict:
 
 def cmd_mask_eval(args: argparse.Namespace) -> dict:
     from . import rankings
-    from .masking import evaluate_selections, jaccard, overlap_groups
+    from .masking import evaluate_selections
+    from .selection import jaccard, overlap_groups
 
     shard, vlm = _shard(args)
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)

@@ -47,6 +47,7 @@ from .errors import (DataFormatError, DemoConfigError, DemoInputError, ModelLoad
                      RankingsMismatchError, UnsupportedModelError)
 from .interventions import NeuronScale, Plan, intervene
 from .models import VLM, Encoded, load_vlm
+from .selection import jaccard_matrix, layer_sums
 from .tasks import TASKS, caption_prompt, clean_answer, ocr_prompt, retrieval_prompt, vqa_prompt
 
 FACTOR_MIN, FACTOR_MAX = 0.0, 3.0
@@ -782,7 +783,7 @@ class DemoService:
             figures.update(self._input_plots(request, ranking, selection, base, steered))
         if len(selections) >= 2:
             def overlap():
-                names, matrix = plots.jaccard(selections)
+                names, matrix = jaccard_matrix(selections)
                 return plots.overlap_matrix(names, matrix)
             figures["overlap"] = self._static_plot(("overlap", used, request.budget_pct), overlap)
 
@@ -798,8 +799,8 @@ class DemoService:
                         "gold_logprob": steered.gold_logprob},
             "contribution_target": base.target_label,
             "layer_sums": None if base.contributions is None else {
-                "base": _layer_sums(base.contributions, selection).tolist(),
-                "steered": _layer_sums(steered.contributions, selection).tolist()},
+                "base": layer_sums(base.contributions, selection).tolist(),
+                "steered": layer_sums(steered.contributions, selection).tolist()},
             "base_cached": computed.base_cached, "compute_s": round(computed.seconds, 4),
             "request_s": round(wall, 4),
         }
@@ -844,7 +845,7 @@ class DemoService:
         b = [float(base.contributions[p]) for p in pairs]
         s = [float(steered.contributions[p]) for p in pairs]
         bar = plots.contributions(labels, b, s, title_hint=f"{base.target_label}")
-        sums = plots.layer_sums(_layer_sums(base.contributions, selection), _layer_sums(steered.contributions, selection))
+        sums = plots.layer_sums(layer_sums(base.contributions, selection), layer_sums(steered.contributions, selection))
         return {"contributions": (_png(bar), bar.caption), "layer_sums": (_png(sums), sums.caption)}
 
 
@@ -855,13 +856,6 @@ def format_pct(value: float) -> str:
     if value >= 0.01:
         return f"{value:.2f}".rstrip("0").rstrip(".")
     return f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
-
-
-def _layer_sums(contributions: np.ndarray, selection: dict[int, list[int]]) -> np.ndarray:
-    sums = np.zeros(contributions.shape[0])
-    for layer, neurons in selection.items():
-        sums[layer] = float(contributions[layer, neurons].sum())
-    return sums
 
 
 def _ranks(scores: Sequence[float]) -> list[int]:

@@ -20,7 +20,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-Selection = dict[int, list[int]]
+from .selection import Selection, check_selections
+
 
 # Colour-blind-friendly categorical palette (matplotlib's tab10) and markers, so lines stay
 # distinguishable in greyscale too.
@@ -68,18 +69,6 @@ def _figure(width: float, height: float) -> Figure:
 
 def _tick_step(n: int, max_ticks: int = 16) -> int:
     return max(1, math.ceil(n / max_ticks))
-
-
-def _check_selections(selections, name: str = "selections") -> dict[str, set[tuple[int, int]]]:
-    if not isinstance(selections, Mapping) or not selections:
-        raise ValueError(f"{name} must be a non-empty dict task -> {{layer: [neuron, ...]}}")
-    sets: dict[str, set[tuple[int, int]]] = {}
-    for task, selection in selections.items():
-        if not isinstance(selection, Mapping):
-            raise ValueError(f"{name}[{task!r}] must be a dict layer -> [neuron, ...], "
-                             f"got {type(selection).__name__}")
-        sets[str(task)] = {(int(layer), int(n)) for layer, neurons in selection.items() for n in neurons}
-    return sets
 
 
 def _check_results(results, name: str = "results") -> dict[str, dict[str, float]]:
@@ -165,7 +154,7 @@ def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str
 
 def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> Plot:
     """Fraction of each task's selected neurons that lie in each layer, one line per task."""
-    sets = _check_selections(selections)
+    sets = check_selections(selections)
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
     fig = _figure(6.0, 4.0)
@@ -189,22 +178,6 @@ def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> 
     ax.legend(fontsize=8, title="task", title_fontsize=8)
     caption = "Fraction of each task's selected FFN neurons that lie in each decoder layer."
     return Plot(fig, caption)
-
-
-def jaccard(selections: Mapping[str, Selection]) -> tuple[list[str], np.ndarray]:
-    """Pairwise Jaccard overlap |A∩B| / |A∪B| of the tasks' neuron sets.
-
-    Returns the task names (in the order given) and a symmetric `[tasks, tasks]` matrix;
-    two empty sets have overlap 0 (as in `masking.jaccard`).
-    """
-    sets = _check_selections(selections)
-    tasks = list(sets)
-    matrix = np.zeros((len(tasks), len(tasks)))
-    for i, a in enumerate(tasks):
-        for j, b in enumerate(tasks):
-            union = sets[a] | sets[b]
-            matrix[i, j] = len(sets[a] & sets[b]) / len(union) if union else 0.0
-    return tasks, matrix
 
 
 def overlap_matrix(tasks: Sequence[str], jaccard: object) -> Plot:

@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import __version__
 from .errors import RankingsError, RankingsMismatchError, RankingsNotFoundError, RankingsSchemaError
 from .files import atomic_write, json_bytes, read_json
+from .selection import Selection, budget, counts, from_flat, random_like, top_flat
 from .tasks import TASKS
 
 SCHEMA = "hones-rankings/1"
@@ -239,13 +240,7 @@ class TaskRanking:
         raise ValueError(f"unknown ranking method {method!r} for task {self.task!r}; "
                          f"available: {', '.join(self.methods())}")
 
-    def _top_flat(self, method: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat indices and scores of the global top `ratio`, best first (ties: lower index first)."""
-        scores = self.matrix(method).flatten()
-        order = torch.sort(scores, descending=True, stable=True).indices[:budget(ratio, scores.numel())]
-        return order, scores[order]
-
-    def select(self, method: str = "hones", ratio: float = DEFAULT_RATIO, *, seed: int = 0) -> dict[int, list[int]]:
+    def select(self, method: str = "hones", ratio: float = DEFAULT_RATIO, *, seed: int = 0) -> Selection:
         """The neurons a method picks at a budget of `ratio` of all (layer, neuron) pairs.
 
         `max(1, round(ratio * layers * intermediate))` neurons: the global top of the method's
@@ -259,36 +254,17 @@ class TaskRanking:
         Raises:
             ValueError: `ratio` outside (0, 1], or an unknown method.
         """
-        if method == "random":
-            counts = {layer: len(neurons) for layer, neurons in self.select("hones", ratio).items()}
-            generator = torch.Generator().manual_seed(int(seed))
-            width = self.importance.shape[1]
-            return {layer: sorted(torch.randperm(width, generator=generator)[:count].tolist())
-                    for layer, count in counts.items()}
-        order, _ = self._top_flat(method, ratio)
         width = self.importance.shape[1]
-        out: dict[int, list[int]] = {}
-        for index in order.tolist():
-            out.setdefault(index // width, []).append(index % width)
-        return {layer: sorted(out[layer]) for layer in sorted(out)}
+        if method == "random":
+            return random_like(counts(self.select("hones", ratio)), width, seed=seed)
+        order, _ = top_flat(self.matrix(method), ratio)
+        return from_flat(order.tolist(), width)
 
     def ranked(self, method: str = "hones", ratio: float = DEFAULT_RATIO) -> list[tuple[int, int, float]]:
         """The same neurons as `select(method, ratio)` as (layer, neuron, score), best first."""
-        order, scores = self._top_flat(method, ratio)
+        order, scores = top_flat(self.matrix(method), ratio)
         width = self.importance.shape[1]
         return [(i // width, i % width, s) for i, s in zip(order.tolist(), scores.tolist())]
-
-
-def budget(ratio: float, total: int) -> int:
-    """Neurons in a selection of `ratio` of `total`: max(1, round(ratio * total)).
-
-    Raises:
-        ValueError: `ratio` is not in (0, 1].
-    """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
-        raise ValueError(f"the neuron budget must be between 0 % and 100 % (a ratio in (0, 1], e.g. 0.01 for "
-                         f"1 %); got {ratio!r}")
-    return max(1, round(ratio * total))
 
 
 @dataclass(eq=False)

@@ -53,6 +53,7 @@ from .localization import utilities
 from .metrics import METRIC_NAMES
 from .models import VLM, Encoded
 from .rankings import Scales, TaskRanking
+from .selection import Selection
 from .tasks import TaskItem
 
 METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
@@ -61,7 +62,6 @@ GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 FIXED_FACTOR = 2.0
 RESULTS_FILE = "results.json"
 
-Selection = dict[int, list[int]]
 SteeringProgressError = ProgressMismatchError     # the name before errors.py; same failure as a rank run's
 
 

@@ -1,27 +1,11 @@
 import pytest
 
-from hones_core.masking import drop, evaluate_selections, jaccard, overlap_groups
+from hones_core.masking import drop, evaluate_selections
 
 
 def test_drop_is_absolute_and_relative():
     assert drop(0.8, 0.6) == pytest.approx({"base": 0.8, "masked": 0.6, "abs_drop": 0.2, "rel_drop": 25.0})
     assert drop(0.0, 0.0)["rel_drop"] == 0.0
-
-
-def test_jaccard_and_overlap_groups_by_hand():
-    selections = {
-        "vqa": {0: [1, 2], 1: [5]},
-        "ocr": {0: [2], 1: [5, 6]},
-        "caption": {1: [5], 2: [9]},
-        "retrieval": {1: [5], 0: [2]},
-    }
-    assert jaccard(selections["vqa"], selections["ocr"]) == pytest.approx(2 / 4)      # {0:2, 1:5} of 4
-    assert jaccard(selections["caption"], {3: [1]}) == 0.0
-    groups = overlap_groups(selections)
-    # (1, 5) is in all four sets, (0, 2) in three, the rest task-specific
-    assert groups["vqa"] == {"task-specific": {0: [1]}, "shared by 3": {0: [2]}, "shared by all 4": {1: [5]}}
-    assert groups["caption"] == {"task-specific": {2: [9]}, "shared by all 4": {1: [5]}}
-    assert groups["ocr"]["task-specific"] == {1: [6]}
 
 
 def test_masking_hones_neurons_changes_the_metric_and_equal_methods_agree(toy_vlm, toy_items):

@@ -83,22 +83,6 @@ def test_layer_distribution_rejects_bad_input():
         plots.layer_distribution({"vqa": {0: [1]}}, 0)
 
 
-def test_jaccard_by_hand():
-    tasks, matrix = plots.jaccard({
-        "a": {0: [1, 2]},          # {a, b}
-        "same": {0: [2, 1]},       # identical
-        "bc": {0: [2], 1: [1]},    # {b, c}: (0,2) shared, (1,1) new -> 1/3 with "a"
-        "disjoint": {5: [9]},
-    })
-    assert tasks == ["a", "same", "bc", "disjoint"]
-    assert matrix[0, 1] == 1.0
-    assert matrix[0, 2] == pytest.approx(1 / 3)
-    assert matrix[0, 3] == 0.0 and matrix[2, 3] == 0.0
-    np.testing.assert_array_equal(np.diag(matrix), 1.0)
-    np.testing.assert_array_equal(matrix, matrix.T)
-    assert plots.jaccard({"x": {}, "y": {}})[1][0, 1] == 0.0        # two empty sets, as in masking.jaccard
-
-
 def test_overlap_matrix_draws_and_annotates_values():
     tasks = ["vqa", "ocr", "caption"]
     values = np.array([[1.0, 0.25, 0.1], [0.25, 1.0, 0.6], [0.1, 0.6, 1.0]])
