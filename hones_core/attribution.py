@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .distributed import Shard, take
 from .interventions import Plan, intervene
 from .models import VLM
-from .tasks import TaskItem
+from .tasks import TASKS, TaskItem
 
 
 def caption_token_idf(vlm: VLM, items: Sequence[TaskItem], *, shard: Shard = Shard(),
@@ -55,9 +55,10 @@ def caption_token_idf(vlm: VLM, items: Sequence[TaskItem], *, shard: Shard = Sha
 
 def target_weights(vlm: VLM, item: TaskItem, idf: dict[int, float] | None = None) -> dict[int, float]:
     """Token id -> weight w_t of the item's DVP target."""
-    if item.task == "retrieval":
+    rule = TASKS[item.task].target
+    if rule == "yes":
         return {vlm.yes_no_ids()[0]: 1.0}
-    if item.task == "caption":
+    if rule == "references":
         if idf is None:
             raise ValueError("caption targets need the IDF table of the discovery split (caption_token_idf)")
         weights: dict[int, float] = {}
@@ -71,17 +72,58 @@ def target_weights(vlm: VLM, item: TaskItem, idf: dict[int, float] | None = None
     return weights
 
 
+def direction(unembedding: torch.Tensor, weights: dict[int, float]) -> torch.Tensor:
+    """u_y = normalise(Σ_t w_t W_U[y_t]), `[hidden]` float32 (only the target tokens' rows are read).
+
+    Args:
+        unembedding: W_U, `[vocab, hidden]` (`arch.unembedding()`).
+        weights: token id -> w_t (`target_weights`).
+    """
+    ids = torch.tensor(list(weights), device=unembedding.device)
+    w = torch.tensor(list(weights.values()), device=unembedding.device, dtype=torch.float32)
+    u = (w[:, None] * unembedding[ids].detach().float()).sum(0)
+    return u / u.norm().clamp_min(1e-12)
+
+
 def target_directions(vlm: VLM, items: Sequence[TaskItem], idf: dict[int, float] | None = None) -> torch.Tensor:
     """u_y for every item, `[n, hidden]` float32, unit norm."""
-    unembedding = vlm.arch.unembedding().detach().float()
-    rows = []
-    for item in items:
-        weights = target_weights(vlm, item, idf)
-        ids = torch.tensor(list(weights), device=unembedding.device)
-        w = torch.tensor(list(weights.values()), device=unembedding.device)
-        direction = (w[:, None] * unembedding[ids]).sum(0)
-        rows.append(direction / direction.norm().clamp_min(1e-12))
-    return torch.stack(rows)
+    unembedding = vlm.arch.unembedding()
+    return torch.stack([direction(unembedding, target_weights(vlm, item, idf)) for item in items])
+
+
+def readout(down_weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """<W_down[:, i], u_y> for every neuron i: `[..., intermediate]` float32 from u `[..., hidden]`.
+
+    Args:
+        down_weight: the layer's `down_proj.weight`, `[hidden, intermediate]`.
+        u: one direction `[hidden]` or one per row `[b, hidden]`.
+    """
+    return u.to(down_weight.device).float() @ down_weight.detach().float()
+
+
+def readouts(vlm: VLM, u: torch.Tensor) -> list[torch.Tensor]:
+    """`readout` of one direction u `[hidden]` for every layer: a list of `[intermediate]` float32.
+
+    The app caches this per answer direction, so a slider move does not copy `down_proj` again.
+    """
+    return [readout(layer.down_proj.weight, u) for layer in vlm.arch.layers]
+
+
+def write_in(z: torch.Tensor, readout_: torch.Tensor) -> torch.Tensor:
+    """c_{l,i} = z_{l,i} · <W_down[:, i], u_y>: FFN activations `[..., intermediate]` times their readout."""
+    return z.float() * readout_.to(z.device)
+
+
+def contributions(neurons: dict[int, torch.Tensor], layer_readouts: Sequence[torch.Tensor], row: int) -> torch.Tensor:
+    """Write-in contributions of one batch row, `[layers, intermediate]` float32 on the CPU.
+
+    Args:
+        neurons: captured activations at the last prompt position, layer -> `[batch, intermediate]`
+            (`Capture.neurons` of `intervene(..., capture="last")`).
+        layer_readouts: `readouts(vlm, u_y)`.
+        row: the batch row.
+    """
+    return torch.stack([write_in(neurons[layer][row], r).cpu() for layer, r in enumerate(layer_readouts)])
 
 
 @dataclass
@@ -137,11 +179,11 @@ def contribution_sums(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan 
             inputs = vlm.encode([item.load_image() for item in chunk], [item.prompt for item in chunk]).inputs
             with intervene(arch, plan or Plan(), capture="last") as capture:
                 vlm.last_hidden(inputs)
-            u = directions[batch.start:batch.stop]
+            u = directions[batch.start:batch.stop]                            # [b, hidden]
             for layer in range(arch.num_layers):     # layer by layer: a split model keeps each on its own GPU
                 z = capture.neurons[layer].float()                                   # [b, I]
-                proj = u.to(z.device) @ down[layer].detach().to(z.device).float()   # <W_down[:, i], u_y>, [b, I]
-                contributions[layer] += (z * proj).double().sum(0).cpu()
+                c = write_in(z, readout(down[layer].to(z.device), u))              # [b, I]
+                contributions[layer] += c.double().sum(0).cpu()
                 abs_activation[layer] += z.abs().double().sum(0).cpu()
             bar.update(len(chunk))
         sums = Sums(shard.sum(contributions), shard.sum(abs_activation), len(items))
@@ -175,8 +217,8 @@ def attribute(vlm: VLM, items: Sequence[TaskItem], top_heads: Sequence[tuple[int
     Means, positive parts and the weighted sum are taken in float64 from the sums over all
     processes; the matrices are returned as float32.
     """
-    idf = (caption_token_idf(vlm, items, shard=shard, batch_size=batch_size) if items[0].task == "caption"
-           else None)
+    by_idf = TASKS[items[0].task].target == "references"
+    idf = caption_token_idf(vlm, items, shard=shard, batch_size=batch_size) if by_idf else None
     conditioned = [tuple(h) for h in top_heads if float(head_scores[tuple(h)]) > 0]
     plans: list[Plan | None] = [None] + [Plan.ablate_heads([h]) for h in conditioned]
     sums = contribution_sums(vlm, items, plans, idf=idf, batch_size=batch_size, done=done, on_plan=on_plan,
@@ -192,17 +234,8 @@ def attribute(vlm: VLM, items: Sequence[TaskItem], top_heads: Sequence[tuple[int
 def item_contributions(vlm: VLM, image, prompt: str, target_tokens: dict[int, float],
                        plans: Sequence[Plan | None]) -> torch.Tensor:
     """Write-in contributions `[len(plans), L, I]` for one input, one batch row per plan (for the app)."""
-    arch = vlm.arch
-    unembedding = arch.unembedding().detach().float()
-    ids = torch.tensor(list(target_tokens), device=unembedding.device)
-    w = torch.tensor(list(target_tokens.values()), device=unembedding.device)
-    direction = (w[:, None] * unembedding[ids]).sum(0)
-    direction = direction / direction.norm().clamp_min(1e-12)
+    layer_readouts = readouts(vlm, direction(vlm.arch.unembedding(), target_tokens))
     inputs = vlm.encode([image] * len(plans), [prompt] * len(plans)).inputs
-    with intervene(arch, list(plans), capture="last") as capture, vlm.sharing(len(plans)):   # one image, many rows
+    with intervene(vlm.arch, list(plans), capture="last") as capture, vlm.sharing(len(plans)):   # one image, many rows
         vlm.last_hidden(inputs)
-    out = []
-    for layer in range(arch.num_layers):
-        proj = arch.layers[layer].down_proj.weight.detach().float().T @ direction   # [I]
-        out.append(capture.neurons[layer].float() * proj)
-    return torch.stack(out, 1).cpu()
+    return torch.stack([contributions(capture.neurons, layer_readouts, row) for row in range(len(plans))])

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .interventions import Plan
 from .models import VLM
-from .tasks import TaskItem, check_task, clean_answer
+from .tasks import TASKS, TaskItem, check_task, clean_answer
 
 MAX_NEW_TOKENS = 24
 
@@ -92,7 +92,7 @@ def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan 
     outputs: list = [None] * len(items)
     order = _grouped(items)
     images = _Images(items)
-    if task == "retrieval":
+    if TASKS[task].scoring == "yes/no":
         yes, no = vlm.yes_no_ids()
         for chunk in _chunks(len(items), max(1, batch_size // 4)):
             rows = [order[j] for j in chunk]
@@ -130,7 +130,7 @@ def _flatten(row_plans: list):
 
 def references(items: Sequence[TaskItem]) -> list:
     """What `metrics.aggregate` compares predictions with, per item."""
-    return [item.positive if item.task == "retrieval" else list(item.targets) for item in items]
+    return [item.positive if TASKS[item.task].scoring == "yes/no" else list(item.targets) for item in items]
 
 
 def evaluate(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan | None] | None = None,
@@ -138,8 +138,9 @@ def evaluate(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan
     """The task metric of `vlm` (under `plans`) on `items`."""
     predictions = predict(vlm, items, plans=plans, batch_size=batch_size, progress=progress)
     task = items[0].task
-    score = metrics.aggregate(task, predictions, references(items))
-    return TaskResult(task, metrics.METRIC_NAMES[task], float(score), len(items), predictions)
+    metric = TASKS[task].metric
+    score = metrics.aggregate(metric, predictions, references(items))
+    return TaskResult(task, metric, float(score), len(items), predictions)
 
 
 @torch.inference_mode()

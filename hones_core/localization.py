@@ -25,7 +25,7 @@ from .evaluation import gold_logprob, predict, references
 from .distributed import Shard
 from .interventions import Plan
 from .models import VLM
-from .tasks import TaskItem
+from .tasks import TASKS, TaskItem
 
 UTILITIES = ("metric", "logprob")
 
@@ -82,8 +82,9 @@ def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None],
     rows = [item for item in items for _ in plans]
     row_plans = [plan for _ in items for plan in plans]
     task = items[0].task
+    metric = TASKS[task].metric
     refs = references(items)
-    stats = torch.zeros(len(plans), 2 if utility == "logprob" else metrics.statistics_size(task),
+    stats = torch.zeros(len(plans), 2 if utility == "logprob" else metrics.statistics_size(metric),
                         dtype=torch.float64)
     batches = shard.batches(len(rows), batch_size)
     for batch in tqdm(batches, desc=f"{task} ({utility})", disable=not progress, leave=False):
@@ -97,12 +98,12 @@ def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None],
             if utility == "logprob":
                 stats[p] += torch.tensor([float(values[mine].sum()), len(mine)], dtype=torch.float64)
             else:
-                stats[p] += torch.tensor(metrics.statistics(task, [predictions[j] for j in mine],
+                stats[p] += torch.tensor(metrics.statistics(metric, [predictions[j] for j in mine],
                                                             [refs[batch[j] // k] for j in mine]), dtype=torch.float64)
     stats = shard.sum(stats)
     if utility == "logprob":
         return [float(s[0] / s[1]) for s in stats]
-    return [float(metrics.from_statistics(task, s.tolist())) for s in stats]
+    return [float(metrics.from_statistics(metric, s.tolist())) for s in stats]
 
 
 def score_heads(vlm: VLM, items: Sequence[TaskItem], *, utility: str = "metric", batch_size: int = 32,
@@ -145,7 +146,7 @@ def score_heads_reference(vlm: VLM, items: Sequence[TaskItem], *, utility: str =
             values = torch.cat([gold_logprob(vlm, [item], plans=plan, batch_size=1) for item in items])
             return float(values.mean())
         predictions = [predict(vlm, [item], plans=plan, batch_size=1)[0] for item in items]
-        return float(metrics.aggregate(items[0].task, predictions, references(items)))
+        return float(metrics.aggregate(TASKS[items[0].task].metric, predictions, references(items)))
 
     base = one_by_one(None)
     scores = torch.zeros(arch.num_layers, arch.num_heads)

@@ -1,4 +1,10 @@
-"""Task metrics: VQA accuracy, ANLS, corpus BLEU-4 and NDCG@k with one relevant candidate."""
+"""Task metrics: VQA accuracy, ANLS, corpus BLEU-4 and NDCG@k with one relevant candidate.
+
+`METRICS` names each metric (the key `tasks.TASKS[task].metric` holds) and says how it is
+scored: a mean of per-item scores, or corpus BLEU-4 from summed n-gram statistics. The
+functions that take a metric name (`statistics`, `from_statistics`, `aggregate`) read that
+table; they know nothing about tasks.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,8 @@ import functools
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-METRIC_NAMES = {"vqa": "vqa_accuracy", "ocr": "anls", "caption": "bleu4", "retrieval": "ndcg@5"}
 
 # --- VQA (the VQAv2 evaluation script's answer processing) ------------------------------------
 _CONTRACTIONS = {
@@ -170,8 +174,30 @@ def ndcg_at_k(scores: Sequence[float], positive: int, k: int = 5) -> float:
     return 1.0 / math.log2(rank + 1) if rank <= k else 0.0
 
 
-def statistics(task: str, predictions: Sequence, references: Sequence) -> list[float]:
-    """Additive sufficient statistics of the task metric over some items.
+@dataclass(frozen=True)
+class Metric:
+    """A task metric: its name, how people read it, and its per-item score (None: corpus BLEU-4)."""
+    name: str
+    title: str
+    item_score: Callable | None
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("vqa_accuracy", "VQA accuracy", vqa_accuracy),
+    Metric("anls", "ANLS", anls),
+    Metric("bleu4", "BLEU-4", None),
+    Metric("ndcg@5", "NDCG@5", ndcg_at_k),
+)}
+
+
+def _metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; metrics are {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def statistics(metric: str, predictions: Sequence, references: Sequence) -> list[float]:
+    """Additive sufficient statistics of `metric` over some items.
 
     Statistics of disjoint parts of a split add up to those of the whole split, and
     `from_statistics` turns them into the metric: `[sum of per-item scores, items]` for the
@@ -179,29 +205,27 @@ def statistics(task: str, predictions: Sequence, references: Sequence) -> list[f
     totals per n-gram order and the hypothesis and reference lengths. This is how shards
     processed apart give exactly the metric of the whole split (BLEU is not a mean of parts).
     """
+    score = _metric(metric).item_score
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if task == "caption":
+    if score is None:
         total = BleuStats()
         for hyp, refs in zip(predictions, references):
             total = total + bleu_statistics(hyp, refs)
         return [*map(float, total.matches), *map(float, total.totals), float(total.hyp_len), float(total.ref_len)]
-    score = {"vqa": vqa_accuracy, "ocr": anls, "retrieval": ndcg_at_k}.get(task)
-    if score is None:
-        raise ValueError(f"unknown task {task!r}; tasks are vqa, ocr, caption, retrieval")
     return [float(sum(score(p, r) for p, r in zip(predictions, references))), float(len(predictions))]
 
 
-def statistics_size(task: str) -> int:
-    """Length of `statistics(task, ...)`."""
-    return 10 if task == "caption" else 2
+def statistics_size(metric: str) -> int:
+    """Length of `statistics(metric, ...)`."""
+    return 10 if _metric(metric).item_score is None else 2
 
 
-def from_statistics(task: str, stats: Sequence[float]) -> float:
+def from_statistics(metric: str, stats: Sequence[float]) -> float:
     """The metric from (summed) `statistics`."""
-    if len(stats) != statistics_size(task):
-        raise ValueError(f"{task} statistics have {statistics_size(task)} entries, got {len(stats)}")
-    if task == "caption":
+    if len(stats) != statistics_size(metric):
+        raise ValueError(f"{metric} statistics have {statistics_size(metric)} entries, got {len(stats)}")
+    if _metric(metric).item_score is None:
         ints = [int(round(v)) for v in stats]
         return bleu_from_statistics(BleuStats(ints[0:4], ints[4:8], ints[8], ints[9]))
     if stats[1] <= 0:
@@ -209,23 +233,18 @@ def from_statistics(task: str, stats: Sequence[float]) -> float:
     return stats[0] / stats[1]
 
 
-def aggregate(task: str, predictions: Sequence, references: Sequence) -> float:
-    """The task metric over a split.
+def aggregate(metric: str, predictions: Sequence, references: Sequence) -> float:
+    """`metric` over a split.
 
-    vqa/ocr: predictions are strings, references answer lists (mean per item); caption:
-    strings vs reference lists (corpus BLEU-4); retrieval: candidate score lists vs the
-    positive's index (mean NDCG@5).
+    Per-item metrics (vqa_accuracy, anls: predictions are strings, references answer lists;
+    ndcg@5: candidate score lists vs the positive's index) are the mean over items; bleu4
+    (strings vs reference lists) is corpus BLEU-4.
     """
+    score = _metric(metric).item_score
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
-    if task == "vqa":
-        return sum(vqa_accuracy(p, r) for p, r in zip(predictions, references)) / len(predictions)
-    if task == "ocr":
-        return sum(anls(p, r) for p, r in zip(predictions, references)) / len(predictions)
-    if task == "caption":
+    if score is None:
         return corpus_bleu(predictions, references)
-    if task == "retrieval":
-        return sum(ndcg_at_k(p, r) for p, r in zip(predictions, references)) / len(predictions)
-    raise ValueError(f"unknown task {task!r}; tasks are vqa, ocr, caption, retrieval")
+    return sum(score(p, r) for p, r in zip(predictions, references)) / len(predictions)

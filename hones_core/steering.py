@@ -50,11 +50,10 @@ from .evaluation import evaluate
 from .files import atomic_write, digest
 from .interventions import LearnedScale, NeuronScale, Plan, intervene
 from .localization import utilities
-from .metrics import METRIC_NAMES
 from .models import VLM, Encoded
 from .rankings import Scales, TaskRanking
 from .selection import Selection
-from .tasks import TaskItem
+from .tasks import TASKS, TaskItem
 
 METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
 LEARNED = ("learned", "learned-nokl", "random")
@@ -425,7 +424,7 @@ def run_task(vlm: VLM, ranking: TaskRanking, dev_items: Sequence[TaskItem], test
                 path=results_path)
     else:
         doc = {"fingerprint": key, "arguments": {k: v for k, v in arguments.items() if k not in ("dev", "test")},
-               "task": task, "metric_name": METRIC_NAMES[task], "ratio": ratio,
+               "task": task, "metric_name": TASKS[task].metric, "ratio": ratio,
                "neurons": sum(len(v) for v in selection.values()), "n_dev": len(dev_items),
                "n_test": len(test_items), "results": {}}
     done = doc["results"]

@@ -1,8 +1,11 @@
-"""The four tasks: prompts, task items with their gold targets, and answer cleaning.
+"""The four tasks as one table, task items with their gold targets, and answer cleaning.
 
-Prompts are the official ones (DESIGN.md section 3); the chat template is applied by
-`models.VLM`. A `TaskItem` carries everything a stage needs: the image, the user prompt,
-the gold answers the metric compares with, and the one answer used for teacher forcing.
+`TASKS` maps each task name to a `Task` row: its prompt (the official ones, DESIGN.md
+section 3; the chat template is applied by `models.VLM`), what the user gives beside the
+image, how the model's output is scored, the DVP target rule and the metric. Other modules
+read these columns instead of branching on the task name. A `TaskItem` carries everything a
+stage needs: the image, the user prompt, the gold answers the metric compares with, and the
+one answer used for teacher forcing.
 """
 
 from __future__ import annotations
@@ -16,23 +19,69 @@ from PIL import Image
 
 from .data import Record, build_retrieval_items, draw_ocr_box
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
+
+@dataclass(frozen=True)
+class Task:
+    """One row of the task table.
+
+    Attributes:
+        name: "vqa", "ocr", "caption" or "retrieval".
+        title: how people read it ("VQA").
+        template: the user prompt; `{text}` is the question or the candidate caption.
+        input: what the user gives beside the image: "question", "box" (OCR: drawn on the
+            image), "candidates" (one prompt per candidate), or None.
+        scoring: "generate" (greedy answer, cleaned, scored by the metric) or "yes/no"
+            (logit(Yes) - logit(No) of the first answer token, one margin per candidate).
+        target: the DVP target u_y: "answer" (the gold answer's tokens, uniform weights),
+            "references" (up to 5 reference captions, smoothed-IDF weights) or "yes" (the
+            "Yes" token on the positive candidate).
+        metric: the `metrics.METRICS` key of the task metric.
+        needs: the `data.Record` field an item needs.
+        strip_period: `clean_answer` drops one trailing period (short answers, not sentences).
+    """
+    name: str
+    title: str
+    template: str
+    input: str | None
+    scoring: str
+    target: str
+    metric: str
+    needs: str
+    strip_period: bool
+
+    def prompt(self, text: str | None = None) -> str:
+        """The user prompt, with `text` (question or candidate) filled in where the task takes one."""
+        if ("{text}" in self.template) != (text is not None):
+            raise ValueError(f"the {self.name} prompt takes {'a text' if '{text}' in self.template else 'no text'}")
+        return self.template.format(text=text) if text is not None else self.template
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("vqa", "VQA", "Question: {text}\nAnswer the question with a short phrase.", "question", "generate",
+         "answer", "vqa_accuracy", "question", True),
+    Task("ocr", "OCR", "Transcribe the text inside the blue box.\nOutput text only.", "box", "generate",
+         "answer", "anls", "ocr_text", True),
+    Task("caption", "Caption", "Describe the image in one sentence.", None, "generate",
+         "references", "bleu4", "captions", False),
+    Task("retrieval", "Retrieval", "Candidate: {text}\nDoes the candidate correctly describe the image?\n"
+         "Answer exactly Yes or No.", "candidates", "yes/no", "yes", "ndcg@5", "captions", False),
+)}
 
 
 def vqa_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer the question with a short phrase."
+    return TASKS["vqa"].prompt(question)
 
 
 def ocr_prompt() -> str:
-    return "Transcribe the text inside the blue box.\nOutput text only."
+    return TASKS["ocr"].prompt()
 
 
 def caption_prompt() -> str:
-    return "Describe the image in one sentence."
+    return TASKS["caption"].prompt()
 
 
 def retrieval_prompt(candidate: str) -> str:
-    return f"Candidate: {candidate}\nDoes the candidate correctly describe the image?\nAnswer exactly Yes or No."
+    return TASKS["retrieval"].prompt(candidate)
 
 
 def check_task(task: str) -> str:
@@ -69,23 +118,22 @@ class TaskItem:
                 image = img.convert("RGB")
         except (OSError, ValueError) as err:
             raise OSError(f"cannot read the image of item {self.record_index}: {self.image_path} ({err})") from err
-        return draw_ocr_box(image, self.bbox) if self.task == "ocr" and self.bbox is not None else image
+        return draw_ocr_box(image, self.bbox) if TASKS[self.task].input == "box" and self.bbox is not None \
+            else image
 
     @property
     def candidate_prompts(self) -> tuple[str, ...]:
         return tuple(retrieval_prompt(c) for c in self.candidates)
 
 
-_NEEDS = {"vqa": "question", "ocr": "ocr_text", "caption": "captions", "retrieval": "captions"}
-
-
 def items_for_task(task: str, records: Sequence[Record], *, n_negatives: int = 4, seed: int = 0,
                    limit: int | None = None) -> list[TaskItem]:
     """The task's items from the records that have what it needs (first `limit` of them)."""
     check_task(task)
-    usable = [r for r in records if getattr(r, _NEEDS[task])]
+    needs = TASKS[task].needs
+    usable = [r for r in records if getattr(r, needs)]
     if not usable:
-        raise ValueError(f"no record has '{_NEEDS[task]}', so there is nothing to evaluate for task {task!r}")
+        raise ValueError(f"no record has '{needs}', so there is nothing to evaluate for task {task!r}")
     if task == "retrieval":
         items = [TaskItem("retrieval", r.image_path, retrieval_prompt(r.candidates[r.positive]), ("Yes",), "Yes",
                           r.record_index, candidates=r.candidates, positive=r.positive)
@@ -112,6 +160,6 @@ def clean_answer(text: str, task: str) -> str:
     answer = _PREFIX.sub("", lines[0]) if lines else ""
     if len(answer) >= 2 and answer[0] == answer[-1] and answer[0] in "\"'":
         answer = answer[1:-1].strip()
-    if task in ("vqa", "ocr") and answer.endswith(".") and not answer.endswith(".."):
+    if TASKS[task].strip_period and answer.endswith(".") and not answer.endswith(".."):
         answer = answer[:-1].rstrip()
     return answer

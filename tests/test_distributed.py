@@ -243,22 +243,22 @@ def test_metric_statistics_of_parts_add_up_to_the_whole_split():
     hyps = ["a red circle on the left", "two blue squares", "a green triangle at the top", "nothing here"]
     refs = [["a red circle on the left side"], ["two blue squares"], ["a green triangle near the top"],
             ["a yellow star"]]
-    parts = [metrics.statistics("caption", hyps[:1], refs[:1]), metrics.statistics("caption", hyps[1:], refs[1:])]
+    parts = [metrics.statistics("bleu4", hyps[:1], refs[:1]), metrics.statistics("bleu4", hyps[1:], refs[1:])]
     summed = [a + b for a, b in zip(*parts)]
-    assert metrics.from_statistics("caption", summed) == pytest.approx(metrics.corpus_bleu(hyps, refs), abs=1e-12)
+    assert metrics.from_statistics("bleu4", summed) == pytest.approx(metrics.corpus_bleu(hyps, refs), abs=1e-12)
     # BLEU of the parts averaged is not the corpus BLEU: averaging shards would be wrong
-    assert (metrics.from_statistics("caption", parts[0]) + metrics.from_statistics("caption", parts[1])) / 2 != \
+    assert (metrics.from_statistics("bleu4", parts[0]) + metrics.from_statistics("bleu4", parts[1])) / 2 != \
         pytest.approx(metrics.corpus_bleu(hyps, refs), abs=1e-3)
     vqa = [("2", ["2"]), ("red", ["blue"]), ("left", ["left"])]
-    stats = [metrics.statistics("vqa", [p], [r]) for p, r in vqa]
+    stats = [metrics.statistics("vqa_accuracy", [p], [r]) for p, r in vqa]
     total = [sum(col) for col in zip(*stats)]
-    assert metrics.from_statistics("vqa", total) == pytest.approx(2 / 3)
-    ndcg = metrics.statistics("retrieval", [[0.1, 0.9, 0.2], [0.5, 0.4, 0.3]], [1, 2])
-    assert metrics.from_statistics("retrieval", ndcg) == pytest.approx((1 + 1 / 2) / 2)
+    assert metrics.from_statistics("vqa_accuracy", total) == pytest.approx(2 / 3)
+    ndcg = metrics.statistics("ndcg@5", [[0.1, 0.9, 0.2], [0.5, 0.4, 0.3]], [1, 2])
+    assert metrics.from_statistics("ndcg@5", ndcg) == pytest.approx((1 + 1 / 2) / 2)
     with pytest.raises(ValueError, match="no predictions"):
-        metrics.from_statistics("ocr", [0.0, 0.0])
+        metrics.from_statistics("anls", [0.0, 0.0])
     with pytest.raises(ValueError, match="10 entries"):
-        metrics.from_statistics("caption", [1.0, 2.0])
+        metrics.from_statistics("bleu4", [1.0, 2.0])
 
 
 def test_one_process_without_a_launcher(monkeypatch):

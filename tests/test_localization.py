@@ -34,7 +34,7 @@ def test_head_score_is_the_utility_drop_of_that_head(toy_vlm, toy_items):
     # metric utility by hand: greedy answers under the plan, scored with the task metric
     plan = Plan.ablate_heads([(layer, head)])
     answers = predict(toy_vlm, items, plans=plan)
-    by_hand = metrics.aggregate("ocr", answers, references(items))   # the same 5-row batch as `utilities` runs
+    by_hand = metrics.aggregate("anls", answers, references(items))   # the same 5-row batch as `utilities` runs
     assert utilities(toy_vlm, items, [plan], "metric", batch_size=8)[0] == pytest.approx(by_hand)
 
 

@@ -64,10 +64,10 @@ def test_ndcg_with_one_positive():
         ndcg_at_k([1.0], 3)
 
 
-def test_aggregate_dispatches_per_task():
-    assert aggregate("vqa", ["2", "red"], [["two"], ["blue"]]) == 0.5
-    assert aggregate("ocr", ["helo"], [["hello"]]) == pytest.approx(0.8)
-    assert aggregate("retrieval", [[0.9, 0.1], [0.1, 0.9]], [0, 0]) == pytest.approx((1 + 1 / math.log2(3)) / 2)
-    assert aggregate("caption", ["a b c d"], [["a b c d"]]) == 1.0
-    with pytest.raises(ValueError, match="unknown task"):
+def test_aggregate_dispatches_per_metric():
+    assert aggregate("vqa_accuracy", ["2", "red"], [["two"], ["blue"]]) == 0.5
+    assert aggregate("anls", ["helo"], [["hello"]]) == pytest.approx(0.8)
+    assert aggregate("ndcg@5", [[0.9, 0.1], [0.1, 0.9]], [0, 0]) == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert aggregate("bleu4", ["a b c d"], [["a b c d"]]) == 1.0
+    with pytest.raises(ValueError, match="unknown metric 'count'; metrics are vqa_accuracy, anls, bleu4, ndcg@5"):
         aggregate("count", ["1"], [["1"]])
