@@ -161,3 +161,67 @@ def top2_gap(scores, tokens, stops) -> float:
             if int(tokens[row, step]) in stops:
                 break
     return min(gaps)
+
+
+# ----- rankings artifacts (tests/test_rankings_*.py) -----------------------------------------------
+
+RANKINGS_SHAPE = (3, 4, 50)   # layers, heads, FFN neurons of the fake model the rankings tests use
+
+
+def fake_arch(num_layers=RANKINGS_SHAPE[0], num_heads=RANKINGS_SHAPE[1], intermediate_size=RANKINGS_SHAPE[2],
+              family="llava"):
+    """Just the `Architecture` fields rankings look at."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(family=SimpleNamespace(name=family), num_layers=num_layers, num_heads=num_heads,
+                           intermediate_size=intermediate_size)
+
+
+def make_task(task="vqa", seed=0, *, fallback=False, scales=None):
+    """A seeded random `TaskRanking` of RANKINGS_SHAPE with "activation" and "dvp" baselines."""
+    import torch
+
+    from hones_core.rankings import TaskRanking
+
+    L, H, I = RANKINGS_SHAPE
+    g = torch.Generator().manual_seed(seed)
+    return TaskRanking(task=task, head_scores=torch.randn(L, H, generator=g), importance=torch.rand(L, I, generator=g),
+                       top_heads=[(2, 1), (0, 3)],
+                       baselines={"activation": torch.rand(L, I, generator=g), "dvp": torch.randn(L, I, generator=g)},
+                       fallback=fallback, scales=scales, notes=f"notes of {task}")
+
+
+def make_rankings(*tasks: str):
+    """`Rankings` of these tasks (default vqa, caption; caption as a fallback) for a llava-like model."""
+    from hones_core.rankings import ModelInfo, Rankings
+
+    tasks = tasks or ("vqa", "caption")
+    model = ModelInfo.from_arch(fake_arch(), id="llava-hf/llava-1.5-7b-hf", revision="abc123")
+    return Rankings(model=model,
+                    tasks={t: make_task(t, seed=i, fallback=(t == "caption")) for i, t in enumerate(tasks)},
+                    params={"top_heads": 2, "utility": "metric"}, data={"file": "disc.jsonl", "items": {"vqa": 8}},
+                    created_with="hones_core test")
+
+
+def assert_same(a, b) -> None:
+    """Two `Rankings` hold the same model, tasks, tensors, scales and metadata."""
+    import torch
+
+    assert a.model == b.model
+    assert list(a.tasks) == list(b.tasks)
+    assert (a.params, a.data, a.created_with) == (b.params, b.data, b.created_with)
+    for name in a.tasks:
+        x, y = a.tasks[name], b.tasks[name]
+        assert torch.equal(x.head_scores, y.head_scores) and torch.equal(x.importance, y.importance)
+        assert x.top_heads == y.top_heads and x.fallback == y.fallback and x.notes == y.notes
+        assert list(x.baselines) == list(y.baselines)
+        assert all(torch.equal(x.baselines[k], y.baselines[k]) for k in x.baselines)
+        assert (x.scales is None) == (y.scales is None)
+        if x.scales is not None:
+            assert torch.equal(x.scales.layers, y.scales.layers) and torch.equal(x.scales.neurons, y.scales.neurons)
+            assert torch.equal(x.scales.scale, y.scales.scale) and x.scales.meta == y.scales.meta
+
+
+def all_files(root: Path) -> set[str]:
+    """Every file under `root`, as POSIX paths relative to it."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}

@@ -1,0 +1,350 @@
+"""The rankings artifact's schema (v1): its data types, file names, and checks against a model.
+
+An artifact is a directory, and a Hub *dataset* repo with the same files:
+
+    manifest.json               {"schema": "hones-rankings/1", "model": {...}, "tasks": [...],
+                                 "params": {...}, "data": {...}, "created_with": "hones_core x.y"}
+    <task>/heads.safetensors    "head_scores" [layers, heads] float32
+    <task>/neurons.safetensors  "importance" [layers, intermediate] float32 (the HONES ranking)
+                                + baseline matrices under their method names ("activation", "dvp")
+    <task>/top.json             the top selection at the default ratio, the top heads, fallback, notes
+    <task>/scales.safetensors   optional learned scales: "scale" [n] float32, "layer"/"neuron" [n] int64
+    README.md                   dataset card
+
+`ModelInfo`, `Scales`, `TaskRanking` and `Rankings` hold it in memory; `validate`,
+`check_against` and `check_task_shapes` refuse rankings that do not fit a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import RankingsError, RankingsMismatchError, RankingsSchemaError
+from ..selection import Selection, counts, from_flat, random_like, top_flat
+from ..tasks import TASKS
+
+SCHEMA = "hones-rankings/1"
+DEFAULT_RATIO = 0.01
+RESERVED_METHODS = ("hones", "random")
+
+MANIFEST = "manifest.json"
+HEADS_FILE = "heads.safetensors"
+NEURONS_FILE = "neurons.safetensors"
+TOP_FILE = "top.json"
+SCALES_FILE = "scales.safetensors"
+CARD_FILE = "README.md"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model the rankings belong to, and the shapes they must fit."""
+    id: str
+    revision: str | None
+    family: str
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+
+    @classmethod
+    def from_arch(cls, arch: Any, *, id: str, revision: str | None) -> ModelInfo:
+        """From a `hones_core.arch.Architecture` (anything with `.family.name`, `.num_layers`,
+        `.num_heads`, `.intermediate_size`)."""
+        return cls(id=id, revision=revision, family=arch.family.name, num_layers=int(arch.num_layers),
+                   num_heads=int(arch.num_heads), intermediate_size=int(arch.intermediate_size))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "revision": self.revision, "family": self.family, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "intermediate_size": self.intermediate_size}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, *, source: str = MANIFEST) -> ModelInfo:
+        """Raises `RankingsSchemaError` naming `source` if a field is missing or of the wrong type."""
+        if not isinstance(d, Mapping):
+            raise RankingsSchemaError(f"{source}: 'model' must be an object, got {type(d).__name__}")
+        expected = {"id": str, "family": str, "num_layers": int, "num_heads": int, "intermediate_size": int}
+        for key, kind in expected.items():
+            value = d.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise RankingsSchemaError(f"{source}: model.{key} must be a {kind.__name__}, got {value!r}")
+            if kind is int and value < 1:
+                raise RankingsSchemaError(f"{source}: model.{key} must be at least 1, got {value}")
+        revision = d.get("revision")
+        if revision is not None and not isinstance(revision, str):
+            raise RankingsSchemaError(f"{source}: model.revision must be a string or null, got {revision!r}")
+        return cls(id=d["id"], revision=revision, family=d["family"], num_layers=d["num_layers"],
+                   num_heads=d["num_heads"], intermediate_size=d["intermediate_size"])
+
+    def describe(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.id}{rev}"
+
+
+def _float32(t: torch.Tensor, name: str, dims: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {list(t.shape)}")
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} has NaN or infinite entries")
+    return t
+
+
+@dataclass(eq=False)
+class Scales:
+    """Learned steering scales s of some neurons: z̃ = z · (1 + s).
+
+    Attributes:
+        layers, neurons: int64 `[n]`, the (layer, neuron) each scale applies to (pairs unique).
+        scale: float32 `[n]`.
+        meta: JSON-able description (method, task, settings), kept in the safetensors metadata.
+    """
+    layers: torch.Tensor
+    neurons: torch.Tensor
+    scale: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.layers = torch.as_tensor(self.layers).detach().to("cpu", torch.int64).reshape(-1).contiguous()
+        self.neurons = torch.as_tensor(self.neurons).detach().to("cpu", torch.int64).reshape(-1).contiguous()
+        self.scale = _float32(torch.as_tensor(self.scale).reshape(-1), "scale", 1)
+        if not (len(self.layers) == len(self.neurons) == len(self.scale)):
+            raise ValueError(f"scales need one layer and one neuron per scale; got {len(self.layers)} layers, "
+                             f"{len(self.neurons)} neurons, {len(self.scale)} scales")
+        if len(set(zip(self.layers.tolist(), self.neurons.tolist()))) != len(self.scale):
+            raise ValueError("scales list a (layer, neuron) pair more than once")
+        if (self.layers < 0).any() or (self.neurons < 0).any():
+            raise ValueError("scale layer and neuron indices must be >= 0")
+        json.dumps(self.meta)   # fails now, not at save time, if meta is not JSON-able
+
+    def __len__(self) -> int:
+        return len(self.scale)
+
+    def as_selection(self) -> dict[int, list[int]]:
+        """{layer: sorted neurons} of the scaled neurons."""
+        return {layer: neurons for layer, (neurons, _) in self.multipliers().items()}
+
+    def multipliers(self) -> dict[int, tuple[list[int], list[float]]]:
+        """{layer: (neurons sorted, 1 + s for each)}: what to multiply z by."""
+        out: dict[int, tuple[list[int], list[float]]] = {}
+        for layer, neuron, s in sorted(zip(self.layers.tolist(), self.neurons.tolist(), self.scale.tolist())):
+            neurons, factors = out.setdefault(layer, ([], []))
+            neurons.append(neuron)
+            factors.append(1.0 + s)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Scales(n={len(self)}, layers={sorted(set(self.layers.tolist()))}, meta={self.meta})"
+
+
+@dataclass(eq=False)
+class TaskRanking:
+    """Head scores and neuron rankings of one task.
+
+    Attributes:
+        task: one of `TASKS`.
+        head_scores: S(l, h), `[layers, heads]` float32.
+        importance: I(l, i), `[layers, intermediate]` float32, the HONES ranking.
+        top_heads: H*, (layer, head) pairs best first.
+        baselines: other rankings by method name ("activation", "dvp"), each `[layers, intermediate]`.
+        fallback: no top head scored above 0, so `importance` is the unconditioned DVP.
+        scales: learned steering scales, if trained.
+        notes: free text shown in the card (e.g. why fallback happened).
+    """
+    task: str
+    head_scores: torch.Tensor
+    importance: torch.Tensor
+    top_heads: list[tuple[int, int]]
+    baselines: dict[str, torch.Tensor] = field(default_factory=dict)
+    fallback: bool = False
+    scales: Scales | None = None
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        self.head_scores = _float32(self.head_scores, "head_scores", 2)
+        self.importance = _float32(self.importance, "importance", 2)
+        self.top_heads = [(int(layer), int(head)) for layer, head in self.top_heads]
+        num_layers, num_heads = self.head_scores.shape
+        if self.importance.shape[0] != num_layers:
+            raise ValueError(f"head_scores has {num_layers} layers but importance has {self.importance.shape[0]}")
+        for layer, head in self.top_heads:
+            if not (0 <= layer < num_layers and 0 <= head < num_heads):
+                raise ValueError(f"top head ({layer}, {head}) is outside head_scores {list(self.head_scores.shape)}")
+        baselines = {}
+        for name, matrix in self.baselines.items():
+            if name in RESERVED_METHODS or name == "importance" or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise ValueError(f"{name!r} cannot name a baseline (reserved or not a plain identifier)")
+            matrix = _float32(matrix, f"baseline {name!r}", 2)
+            if matrix.shape != self.importance.shape:
+                raise ValueError(f"baseline {name!r} has shape {list(matrix.shape)}, importance has "
+                                 f"{list(self.importance.shape)}")
+            baselines[name] = matrix
+        self.baselines = baselines
+        self.fallback = bool(self.fallback)
+        if self.scales is not None:
+            L, I = self.importance.shape
+            if len(self.scales) and (int(self.scales.layers.max()) >= L or int(self.scales.neurons.max()) >= I):
+                raise ValueError(f"scales index neurons outside importance [{L}, {I}]")
+
+    def __repr__(self) -> str:
+        return (f"TaskRanking(task={self.task!r}, head_scores={list(self.head_scores.shape)}, "
+                f"importance={list(self.importance.shape)}, top_heads={self.top_heads}, "
+                f"baselines={list(self.baselines)}, fallback={self.fallback}, scales={self.scales!r})")
+
+    def methods(self) -> list[str]:
+        """Ranking methods available: "hones", the baselines present, and "random"."""
+        return ["hones", *self.baselines, "random"]
+
+    def matrix(self, method: str) -> torch.Tensor:
+        """The `[layers, intermediate]` scores of a method ("hones" = importance, or a baseline)."""
+        if method == "hones":
+            return self.importance
+        if method in self.baselines:
+            return self.baselines[method]
+        if method == "random":
+            raise ValueError("'random' has no score matrix: its neurons are drawn at selection time "
+                             "(use select('random', ratio, seed=...))")
+        raise ValueError(f"unknown ranking method {method!r} for task {self.task!r}; "
+                         f"available: {', '.join(self.methods())}")
+
+    def select(self, method: str = "hones", ratio: float = DEFAULT_RATIO, *, seed: int = 0) -> Selection:
+        """The neurons a method picks at a budget of `ratio` of all (layer, neuron) pairs.
+
+        `max(1, round(ratio * layers * intermediate))` neurons: the global top of the method's
+        matrix (ties broken by lower flat index), or for "random" the same per-layer counts as
+        the HONES selection with neurons drawn uniformly inside each layer from
+        `torch.Generator().manual_seed(seed)`.
+
+        Returns:
+            {layer: sorted neuron indices} for the layers with at least one neuron.
+
+        Raises:
+            ValueError: `ratio` outside (0, 1], or an unknown method.
+        """
+        width = self.importance.shape[1]
+        if method == "random":
+            return random_like(counts(self.select("hones", ratio)), width, seed=seed)
+        order, _ = top_flat(self.matrix(method), ratio)
+        return from_flat(order.tolist(), width)
+
+    def ranked(self, method: str = "hones", ratio: float = DEFAULT_RATIO) -> list[tuple[int, int, float]]:
+        """The same neurons as `select(method, ratio)` as (layer, neuron, score), best first."""
+        order, scores = top_flat(self.matrix(method), ratio)
+        width = self.importance.shape[1]
+        return [(i // width, i % width, s) for i, s in zip(order.tolist(), scores.tolist())]
+
+
+@dataclass(eq=False)
+class Rankings:
+    """A whole artifact: the model it belongs to and one `TaskRanking` per task."""
+    model: ModelInfo
+    tasks: dict[str, TaskRanking]
+    params: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    created_with: str = f"hones_core {__version__}"
+    source: dict | None = None      # where `load` read it: {"id", "revision", "commit"} (None: built in memory)
+
+    def __post_init__(self):
+        for name, ranking in self.tasks.items():
+            if ranking.task != name:
+                raise ValueError(f"tasks[{name!r}] holds the ranking of task {ranking.task!r}")
+
+    def task(self, name: str) -> TaskRanking:
+        """The ranking of one task.
+
+        Raises:
+            RankingsError: the artifact has no such task (the message lists those it has).
+        """
+        if name not in self.tasks:
+            raise RankingsError(f"rankings have no {name!r} task; available: {', '.join(self.tasks) or 'none'}"
+                                f" — compute it with `python -m hones_core rank --task {name} ...`")
+        return self.tasks[name]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(rankings: Rankings, *, num_layers: int, num_heads: int, intermediate_size: int,
+             model_id: str = "") -> None:
+    """Check that the rankings fit a model of these shapes.
+
+    Raises:
+        RankingsMismatchError: one clause per mismatched dimension, naming both sides.
+    """
+    _raise_mismatches(rankings.model, model_id, [
+        ("layers", rankings.model.num_layers, num_layers),
+        ("heads per layer", rankings.model.num_heads, num_heads),
+        ("FFN neurons per layer (intermediate size)", rankings.model.intermediate_size, intermediate_size),
+    ])
+
+
+def check_against(rankings: Rankings, arch: Any, *, model_id: str = "") -> None:
+    """Check the rankings against a loaded model's `Architecture`: family and shapes.
+
+    Raises:
+        RankingsMismatchError: a family or shape mismatch, naming both sides.
+    """
+    _raise_mismatches(rankings.model, model_id, [
+        ("family", rankings.model.family, arch.family.name),
+        ("layers", rankings.model.num_layers, arch.num_layers),
+        ("heads per layer", rankings.model.num_heads, arch.num_heads),
+        ("FFN neurons per layer (intermediate size)", rankings.model.intermediate_size, arch.intermediate_size),
+    ])
+
+
+def _raise_mismatches(made_for: ModelInfo, model_id: str, checks: list[tuple[str, Any, Any]]) -> None:
+    theirs = made_for.describe()
+    ours = f" ({model_id})" if model_id else ""
+    clauses = []
+    for what, expected, actual in checks:
+        if expected != actual:
+            if what == "family":
+                clauses.append(f"rankings were made for the {expected!r} family ({theirs}); "
+                               f"this model{ours} is {actual!r}")
+            else:
+                clauses.append(f"rankings were made for {expected} {what} ({theirs}); this model{ours} has {actual}")
+    if clauses:
+        target = model_id or "this model"
+        raise RankingsMismatchError("; ".join(clauses) + f" — use rankings computed for {target} "
+                                    f"(`python -m hones_core rank --model {model_id or '<model>'} ...`)")
+
+
+def check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> None:
+    """Check that one task's head and neuron matrices have `model`'s shapes (before writing it).
+
+    Args:
+        model: the model the artifact belongs to.
+        ranking: the task to check.
+        where: what was being done, the start of the message (e.g. "cannot save").
+
+    Raises:
+        RankingsMismatchError: head_scores or importance has another shape; the message names both.
+    """
+    expected_heads = (model.num_layers, model.num_heads)
+    expected_neurons = (model.num_layers, model.intermediate_size)
+    problems = []
+    if tuple(ranking.head_scores.shape) != expected_heads:
+        problems.append(f"head_scores {list(ranking.head_scores.shape)} (the model needs {list(expected_heads)})")
+    if tuple(ranking.importance.shape) != expected_neurons:
+        problems.append(f"importance {list(ranking.importance.shape)} (the model needs {list(expected_neurons)})")
+    if problems:
+        raise RankingsMismatchError(f"{where}: task {ranking.task!r} does not fit {model.describe()} "
+                                    f"[{model.num_layers} layers, {model.num_heads} heads, "
+                                    f"{model.intermediate_size} neurons]: " + "; ".join(problems))
+
+
+__all__ = ["SCHEMA", "DEFAULT_RATIO", "RESERVED_METHODS", "MANIFEST", "HEADS_FILE", "NEURONS_FILE", "TOP_FILE",
+           "SCALES_FILE", "CARD_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate", "check_against",
+           "check_task_shapes"]
