@@ -18,11 +18,10 @@ Everything is importable from here, as it was from the single module this packag
 
 from __future__ import annotations
 
-# Re-exported because the single `rankings` module offered them, and callers use them from here.
+# Re-exported because the single `rankings` module offered them (their homes: errors, files, selection).
 from ..errors import RankingsError, RankingsMismatchError, RankingsNotFoundError, RankingsSchemaError
-from ..files import atomic_write, json_bytes, read_json
-from ..selection import Selection, budget, counts, from_flat, random_like, top_flat
-from ..tasks import TASKS
+from ..files import atomic_write
+from ..selection import budget
 from .card import dataset_card
 from .hub import load, push
 from .official import OFFICIAL_FILES, import_official
@@ -37,8 +36,7 @@ __all__ = [
     # store, card, hub, official
     "save", "save_task", "save_scales", "write_scales", "read_scales", "dataset_card", "load", "push",
     "OFFICIAL_FILES", "import_official",
-    # from errors, files, selection, tasks
-    "RankingsError", "RankingsSchemaError", "RankingsMismatchError", "RankingsNotFoundError",
-    "atomic_write", "json_bytes", "read_json", "Selection", "budget", "counts", "from_flat", "random_like",
-    "top_flat", "TASKS",
+    # from errors, files, selection
+    "RankingsError", "RankingsSchemaError", "RankingsMismatchError", "RankingsNotFoundError", "atomic_write",
+    "budget",
 ]
