@@ -2,8 +2,9 @@
 
 Every family difference is one row of `FAMILIES`: the dotted path from the top-level
 model to the text decoder layers, the path to the vision tower (when its input is one
-image or tile per batch row, so rows with the same image can share it), and whether its
-processor wants one list of images per prompt. Inside a decoder layer all supported
+image or tile per batch row, so rows with the same image can share it), whether its
+processor wants one list of images per prompt, and whether the processor's outputs are
+batch-first (one row per prompt, so rows can be copied between batches). Inside a decoder layer all supported
 families agree (`self_attn.o_proj`, `mlp.gate_proj/up_proj/down_proj/act_fn`), and so do
 the unembedding (`lm_head`) and the text config (`config.get_text_config()`). A model of
 any other family gets `UnsupportedModelError`, never a guess.
@@ -28,9 +29,12 @@ class Family:
     layers: str               # dotted path from the top-level model to the decoder layers
     examples: str             # public checkpoints of this family, for messages and docs
     # dotted path to the vision tower, when it takes `[images_or_tiles, ...]` pixels (one image or
-    # tile per row of dim 0) and returns batch-first outputs; None: not shared (see `models.share_images`)
+    # tile per row of dim 0) and returns batch-first outputs; None: not shared (see `sharing.share_images`)
     vision: str | None = None
     nested_images: bool = False   # processor wants `[[img], [img], ...]`
+    # every tensor the processor returns has one row per prompt on dim 0; False: some tensor packs
+    # all images together (then repeated rows cannot be processed once and copied)
+    batch_first_inputs: bool = True
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -38,10 +42,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            "llava-hf/llava-1.5-7b-hf, llava-hf/llava-interleave-qwen-0.5b-hf", vision="model.vision_tower"),
     Family("llava-onevision", "llava_onevision", "model.language_model.layers",
            "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", vision="model.vision_tower"),
-    # Qwen2-VL / Qwen2.5-VL: `model.visual` takes the flattened patches of ALL images concatenated
-    # (`[sum of patches, C*T*P*P]`) plus `grid_thw`, not one image per row, so it is left unshared.
-    Family("qwen2-vl", "qwen2_vl", "model.language_model.layers", "Qwen/Qwen2-VL-2B-Instruct", vision=None),
-    Family("qwen2.5-vl", "qwen2_5_vl", "model.language_model.layers", "Qwen/Qwen2.5-VL-3B-Instruct", vision=None),
+    # Qwen2-VL / Qwen2.5-VL: the processor's `pixel_values` hold the flattened patches of ALL images
+    # concatenated (`[sum of patches, C*T*P*P]`, with `image_grid_thw`), not one image per row, and
+    # `model.visual` takes them so: its tower is left unshared and its inputs are not batch-first.
+    Family("qwen2-vl", "qwen2_vl", "model.language_model.layers", "Qwen/Qwen2-VL-2B-Instruct", vision=None,
+           batch_first_inputs=False),
+    Family("qwen2.5-vl", "qwen2_5_vl", "model.language_model.layers", "Qwen/Qwen2.5-VL-3B-Instruct", vision=None,
+           batch_first_inputs=False),
     Family("idefics3", "idefics3", "model.text_model.layers", "HuggingFaceM4/Idefics3-8B-Llama3",
            vision="model.vision_model", nested_images=True),
     Family("smolvlm", "smolvlm", "model.text_model.layers", "HuggingFaceTB/SmolVLM-256M-Instruct",
@@ -57,7 +64,8 @@ def supported_families() -> str:
     return "; ".join(f"{f.name} (model_type {f.model_type!r}, e.g. {f.examples})" for f in FAMILIES.values())
 
 
-def _get(root: nn.Module, path: str, what: str) -> nn.Module:
+def get_module(root: nn.Module, path: str, what: str) -> nn.Module:
+    """The submodule of `root` at dotted `path`; `UnsupportedModelError` naming `what` and the missing part."""
     node = root
     for part in path.split("."):
         if not hasattr(node, part):
@@ -90,6 +98,7 @@ class Architecture:
         intermediate_size: FFN neurons per layer.
         lm_head: the unembedding, weight `[vocab, hidden]`.
         vision_tower: the family's batch-first vision tower, or None where it is not one (Qwen-VL).
+        batch_first_inputs: whether every processor output has one row per prompt (False: Qwen-VL).
         base_model: the model without `lm_head`; its output is the last hidden state.
     """
 
@@ -106,20 +115,25 @@ class Architecture:
         hidden = int(text_config.hidden_size)
         self.head_dim = int(getattr(text_config, "head_dim", None) or hidden // self.num_heads)
         self.intermediate_size = int(text_config.intermediate_size)
-        decoder_layers = _get(model, self.family.layers, "the text decoder layers")
+        decoder_layers = get_module(model, self.family.layers, "the text decoder layers")
         self.layers = [
-            Layer(i, *(_get(layer, path, f"layer {i} {path}") for path in (O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ,
-                                                                            ACT_FN)))
+            Layer(i, *(get_module(layer, path, f"layer {i} {path}")
+                       for path in (O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ, ACT_FN)))
             for i, layer in enumerate(decoder_layers)
         ]
-        self.lm_head = _get(model, "lm_head", "the unembedding")
-        self.vision_tower = _get(model, self.family.vision, "the vision tower") if self.family.vision else None
-        self.base_model = _get(model, "model", "the base model (vision tower + text decoder, no lm_head)")
+        self.lm_head = get_module(model, "lm_head", "the unembedding")
+        self.vision_tower = get_module(model, self.family.vision, "the vision tower") if self.family.vision else None
+        self.base_model = get_module(model, "model", "the base model (vision tower + text decoder, no lm_head)")
         self._check_shapes()
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def batch_first_inputs(self) -> bool:
+        """Whether every tensor the processor returns is `[prompts, ...]` (rows may be copied)."""
+        return self.family.batch_first_inputs
 
     def _check_shapes(self) -> None:
         width = self.num_heads * self.head_dim

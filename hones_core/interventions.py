@@ -4,17 +4,17 @@ An intervention is data: a frozen `Plan` says which (layer, head) pairs to mean-
 which neurons to scale by which factor (0 masks). `intervene(arch, plans)` applies one plan
 to the whole batch or one plan per batch row, for everything run inside the `with` block.
 
-How it stays correct under concurrency: the forward pre-hooks on `o_proj` and `down_proj`
-are installed once per model while at least one `intervene` block is open (reference
-counted, removed when the last one exits), and each hook reads the plan of *its own*
-thread/task from a `contextvars.ContextVar`. A hook finding no plan does nothing, so plain
-runs and other threads' runs are untouched and no lock is held during forward passes.
+How it stays correct under concurrency (`hooks.HookRegistry`): the forward pre-hooks on
+`o_proj` and `down_proj` are installed once per model while at least one `intervene` block
+is open (reference counted, removed when the last one exits), and each hook reads the plan
+of *its own* thread/task from a `contextvars.ContextVar`. A hook finding no plan does
+nothing, so plain runs and other threads' runs are untouched and no lock is held during
+forward passes.
 
-When `models.share_prefix` runs a decoder layer on some rows only (the distinct ones), it
-sets a `RowView` for that layer (also per context): the hooks then take the kept rows of
-the per-row plan tables and copy captured activations back to every row, so plans and
-captures mean the same as in an unshared run. `plan_classes` tells which rows' plans act
-alike at a layer, which is what decides whether rows may share it.
+When a layer runs on some of the batch's rows only, a `hooks.RowView` says which: the hooks
+then take those rows of the per-row plan tables and copy captured activations back to every
+row, so plans and captures mean the same as when every row runs. `plan_classes` tells which
+rows' plans act alike at a layer (rows whose plans differ there must not be merged).
 
 Semantics (DESIGN.md section 3):
 - head h of layer l, mean replacement: at every position, head h's slice of the
@@ -27,9 +27,6 @@ Semantics (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import contextvars
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import Architecture
+from .hooks import HookRegistry, RefCountedHooks, RowView, model_key, row_view
 
 
 @dataclass(frozen=True)
@@ -129,30 +127,18 @@ class _Compiled:
         return self.classes[layer]
 
 
-@dataclass(frozen=True)
-class RowView:
-    """A decoder layer is running on `keep` (long `[kept]`) of the batch's rows; `inverse` (long
-    `[rows]`) says which kept row stands for each row. Set by `models.share_prefix`."""
-    layer: int
-    keep: torch.Tensor
-    inverse: torch.Tensor
-
-
-_ACTIVE: contextvars.ContextVar[dict[int, _Compiled]] = contextvars.ContextVar("hones_active_plans", default={})
-_VIEWS: contextvars.ContextVar[dict[int, RowView]] = contextvars.ContextVar("hones_row_views", default={})
-
-
-def model_key(arch: Architecture) -> int:
-    """The key of `arch`'s model in the per-context tables (plans, row views)."""
-    return id(arch.layers[0].o_proj)
+# per context: model key -> the compiled plans of the innermost open `intervene` block
+_PLANS: HookRegistry[_Hooks] = HookRegistry("hones_active_plans")
 
 
 def plan_classes(arch: Architecture, layer: int, rows: int) -> list[int] | None:
-    """`_Compiled.plan_classes` of the plans active for `arch` in this context (None: all rows alike).
+    """Which of a batch's `rows` rows have plans that act alike at `layer`, in this context.
 
+    Returns one number per row, equal exactly for rows whose head masks and neuron multipliers
+    of `layer` are equal to the bit; None when no plan or one plan for every row is active.
     Raises ValueError when per-row plans were given for another number of rows than `rows`.
     """
-    compiled = _ACTIVE.get().get(model_key(arch))
+    compiled = _PLANS.current(model_key(arch))
     if compiled is None or compiled.rows == 1:
         return None
     if compiled.rows != rows:
@@ -160,62 +146,12 @@ def plan_classes(arch: Architecture, layer: int, rows: int) -> list[int] | None:
     return compiled.plan_classes(layer)
 
 
-def set_row_view(arch: Architecture, view: RowView | None) -> None:
-    """Tell the hooks of `arch` that the layer `view.layer` now runs on some rows only (None: all rows)."""
-    key = model_key(arch)
-    views = _VIEWS.get()
-    if view is None and key not in views:
-        return
-    views = {k: v for k, v in views.items() if k != key}
-    if view is not None:
-        views[key] = view
-    _VIEWS.set(views)
-
-
-@contextmanager
-def row_views(arch: Architecture) -> Iterator[None]:
-    """A block in which row views of `arch` may be set; whatever is set is undone when it exits."""
-    token = _VIEWS.set({k: v for k, v in _VIEWS.get().items() if k != model_key(arch)})
-    try:
-        yield
-    finally:
-        _VIEWS.reset(token)
-
-
-class RefCountedHooks:
-    """Hooks installed by the first open block and removed when the last one closes.
-
-    Subclasses say what to install (`install` returns the handles); callers serialise
-    `acquire`/`release` with their own lock.
-    """
-
-    def __init__(self):
-        self.users = 0
-        self.handles: list = []
-
-    def install(self) -> list:
-        raise NotImplementedError
-
-    def acquire(self) -> None:
-        if self.users == 0:
-            self.handles = self.install()
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            for handle in self.handles:
-                handle.remove()
-            self.handles.clear()
-
-
 class _Hooks(RefCountedHooks):
     """The hooks of one model, installed while at least one `intervene` block is open."""
 
     def __init__(self, arch: Architecture):
-        super().__init__()
+        super().__init__(model_key(arch))
         self.arch = arch
-        self.key = model_key(arch)
 
     def install(self) -> list:
         handles = []
@@ -225,14 +161,13 @@ class _Hooks(RefCountedHooks):
         return handles
 
     def _view(self, layer: int) -> RowView | None:
-        view = _VIEWS.get().get(self.key)
-        return view if view is not None and view.layer == layer else None
+        return row_view(self.key, layer)
 
     def _head_hook(self, layer: int):
         num_heads, head_dim = self.arch.num_heads, self.arch.head_dim
 
         def hook(module, args):
-            compiled = _ACTIVE.get().get(self.key)
+            compiled = _PLANS.current(self.key)
             if compiled is None or layer not in compiled.heads:
                 return None
             x = args[0]
@@ -247,7 +182,7 @@ class _Hooks(RefCountedHooks):
 
     def _neuron_hook(self, layer: int):
         def hook(module, args):
-            compiled = _ACTIVE.get().get(self.key)
+            compiled = _PLANS.current(self.key)
             if compiled is None:
                 return None
             x = args[0]
@@ -286,10 +221,6 @@ def _check_rows(compiled: _Compiled, x: torch.Tensor, layer: int, view: RowView 
         return
     if x.shape[0] != compiled.rows:
         raise ValueError(f"layer {layer}: the batch has {x.shape[0]} rows but {compiled.rows} per-row plans were given")
-
-
-_REGISTRY: "weakref.WeakKeyDictionary[torch.nn.Module, _Hooks]" = weakref.WeakKeyDictionary()
-_REGISTRY_LOCK = threading.Lock()
 
 
 def _compile(arch: Architecture, plans: Plan | Sequence[Plan | None], capture: Capture | None) -> _Compiled:
@@ -339,16 +270,5 @@ def intervene(arch: Architecture, plans: Plan | Sequence[Plan | None] = Plan(), 
         raise ValueError(f"capture must be None, 'last' or 'all', not {capture!r}")
     record = Capture(capture) if capture else None
     compiled = _compile(arch, plans, record)
-    root = arch.layers[0].o_proj
-    with _REGISTRY_LOCK:
-        hooks = _REGISTRY.get(root)
-        if hooks is None:
-            hooks = _REGISTRY[root] = _Hooks(arch)
-        hooks.acquire()
-    token = _ACTIVE.set({**_ACTIVE.get(), hooks.key: compiled})
-    try:
+    with _PLANS.open(arch.layers[0].o_proj, lambda: _Hooks(arch), compiled):
         yield record
-    finally:
-        _ACTIVE.reset(token)
-        with _REGISTRY_LOCK:
-            hooks.release()

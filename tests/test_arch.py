@@ -62,3 +62,17 @@ def test_vision_tower_is_found_where_the_table_says(family, tiny_vlm):
     assert all(p.data_ptr() != q.data_ptr() for p in tower.parameters() for l in vlm.arch.layers
                for q in (l.o_proj.weight, l.down_proj.weight))
     assert {f.vision for f in FAMILIES.values()} == {"model.vision_tower", "model.vision_model", None}
+
+
+def test_batch_first_inputs_says_whether_the_processor_gives_one_row_per_prompt(family, tiny_vlm, images, prompts):
+    vlm = tiny_vlm(family)
+    expected = family not in ("qwen2-vl", "qwen2.5-vl")     # Qwen-VL: all images' patches in one tensor
+    assert vlm.arch.batch_first_inputs is vlm.arch.family.batch_first_inputs is expected
+    rows = [images[0], images[1], images[0]]
+    texts = [vlm.chat_prompt(p) for p in (prompts[0], prompts[1], prompts[1])]
+    loaded = [[img] if vlm.arch.family.nested_images else img for img in rows]
+    batch = vlm.processor(text=texts, images=loaded, padding=True, return_tensors="pt")
+    assert "pixel_values" in batch and "input_ids" in batch
+    one_row_per_prompt = all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(rows) for v in batch.values())
+    assert one_row_per_prompt is expected
+    assert {f.model_type for f in FAMILIES.values() if not f.batch_first_inputs} == {"qwen2_vl", "qwen2_5_vl"}

@@ -1,9 +1,26 @@
 import pytest
 import torch
 
+from hones_core.interventions import Plan, intervene
 from hones_core.models import ModelLoadError, load_vlm
 
-from conftest import top2_gap
+
+# Rows computed in batches of other sizes (the vision tower on 1 image instead of 2, the decoder on 1 row
+# instead of 2) go through GEMMs of other shapes, and BLAS picks kernels by shape, thread count and CPU
+# (e.g. MKL's AVX2 kernels give a row other bits at another position in the batch): they agree to float32
+# rounding, not to the bit. Hidden states of the tiny fp32 models are O(1); a few ulp (1e-7) per op over
+# 2 layers stays far below 1e-5, while a real error (a wrong row's image, plan or mask) moves them by
+# more than 1e-3, which the tests check too. Token ids agree while every greedy step's top-2 logit gap
+# exceeds twice the tolerance (the gap can move by at most that much).
+ROUNDING = dict(rtol=1e-5, atol=1e-5)
+
+
+def _noisy(seed: int, size: tuple[int, int]):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
 def test_load_vlm_reads_a_saved_directory(family, tiny_dir):
@@ -85,217 +102,70 @@ def test_images_can_be_paths_and_missing_paths_are_named(tiny_vlm, images, promp
         vlm.next_token_logits(images[:1], prompts)
 
 
-# ----- sharing the vision tower between rows with the same image (models.share_images) -----------------
-
-SHARED = ("llava", "llava-qwen2", "llava-onevision", "idefics3")
-
-
-def _noisy(seed: int, size: tuple[int, int]):
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def _count_tower_rows(vlm):
-    """Calls of, and rows seen by, the vision tower's embeddings: what the tower really computes."""
-    embeddings = next(m for name, m in vlm.arch.vision_tower.named_modules() if name.endswith("embeddings"))
-    seen: list[int] = []
-    handle = embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
-        with_kwargs=True)
-    return seen, handle
-
-
-def _hidden(vlm, images, prompts, plans, *, shared: bool):
-    from contextlib import nullcontext
-
-    from hones_core.interventions import intervene
-    from hones_core.models import share_images
-
-    from hones_core.interventions import Plan
-
-    inputs = vlm.encode(images, prompts).inputs
-    plans = Plan() if plans is None else plans
-    with torch.inference_mode(), intervene(vlm.arch, plans), (share_images(vlm.arch) if shared else nullcontext()):
-        return vlm.last_hidden(inputs)
-
-
-def _generate(vlm, images, prompts, plans, *, shared: bool, max_new_tokens: int = 8):
-    """Greedy tokens per row, and the smallest top-2 logit gap over every row's steps (up to its stop token)."""
-    from contextlib import nullcontext
-
-    from hones_core.interventions import intervene
-    from hones_core.models import share_images
-
-    inputs = vlm.encode(images, prompts).inputs
-    kwargs = vlm.generation_kwargs(max_new_tokens)
-    with torch.inference_mode(), intervene(vlm.arch, plans), (share_images(vlm.arch) if shared else nullcontext()):
-        out = vlm.model.generate(**inputs, **kwargs, return_dict_in_generate=True, output_logits=True)
-    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    return tokens.tolist(), top2_gap(out.logits, tokens, kwargs["eos_token_id"])
-
-
-def _tower_outputs(vlm, images, prompts) -> list[torch.Tensor]:
-    """Every tensor the vision tower hands on to the model (after sharing spread it to the rows), under
-    `share_images`; the caller's hook runs after the sharing hooks (registered inside the block)."""
-    from hones_core.interventions import Plan, intervene
-    from hones_core.models import share_images
-
-    seen: list[torch.Tensor] = []
-
-    def flat(value):
-        if torch.is_tensor(value):
-            seen.append(value.detach().clone())
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                flat(v)
-        elif hasattr(value, "to_tuple"):
-            flat(value.to_tuple())
-
-    inputs = vlm.encode(images, prompts).inputs
-    with torch.inference_mode(), intervene(vlm.arch, Plan()), share_images(vlm.arch):
-        handle = vlm.arch.vision_tower.register_forward_hook(lambda module, args, output: flat(output))
-        try:
-            vlm.last_hidden(inputs)
-        finally:
-            handle.remove()
-    return seen
-
-
-# Rows computed in batches of other sizes (the vision tower on 1 image instead of 2, the decoder on 1 row
-# instead of 2) go through GEMMs of other shapes, and BLAS picks kernels by shape, thread count and CPU
-# (e.g. MKL's AVX2 kernels give a row other bits at another position in the batch): they agree to float32
-# rounding, not to the bit. Hidden states of the tiny fp32 models are O(1); a few ulp (1e-7) per op over
-# 2 layers stays far below 1e-5, while a real error (a wrong row's image, plan or mask) moves them by
-# more than 1e-3, which the tests check too. Token ids agree while every greedy step's top-2 logit gap
-# exceeds twice the tolerance (the gap can move by at most that much).
-ROUNDING = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", SHARED)
-def test_vision_tower_runs_once_for_rows_with_the_same_image(family, tiny_vlm, prompts):
-    from hones_core.interventions import Plan
-
+def test_encoding_processes_repeated_rows_once_and_equals_processing_all(family, tiny_vlm, prompts, tmp_path):
     vlm = tiny_vlm(family)
-    image, prompt = _noisy(1, (44, 36)), prompts[1]
-    steer = Plan.scale_neurons({0: list(range(48)), 1: list(range(48))}, 3.0)
-    seen, handle = _count_tower_rows(vlm)
+    a, b = _noisy(19, (40, 30)), _noisy(20, (30, 50))
+    path = tmp_path / "b.png"
+    b.save(path)
+    images = [a, path, a, b, a, path]
+    texts = [prompts[0], prompts[1], prompts[0], prompts[1], prompts[1], prompts[1]]
+    calls: list[int] = []
+    processor = vlm.processor
+    original = type(processor).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["text"]))
+        return original(self, *args, **kwargs)
+
+    type(processor).__call__ = counting
     try:
-        _hidden(vlm, [image], [prompt], Plan(), shared=False)
-        alone = list(seen)
-        seen.clear()
-        _hidden(vlm, [image] * 2, [prompt] * 2, [None, steer], shared=False)
-        unshared = list(seen)
-        seen.clear()
-        _hidden(vlm, [image] * 2, [prompt] * 2, [None, steer], shared=True)
-        shared = list(seen)
-        seen.clear()
-        vlm.generate([image] * 2, [prompt] * 2, plans=[None, steer], max_new_tokens=4)   # shares by itself
-        generated = list(seen)
+        inputs = vlm.encode(images, texts).inputs
     finally:
-        handle.remove()
-    assert len(alone) == 1 and sum(unshared) == 2 * sum(alone)     # one image (its tiles) per row without sharing
-    assert shared == alone and generated == alone                   # one call, on one image's rows
-    assert not vlm.arch.vision_tower._forward_pre_hooks and not vlm.arch.vision_tower._forward_hooks
+        type(processor).__call__ = original
+    chats = [vlm.chat_prompt(t) for t in texts]
+    loaded = [[img] if vlm.arch.family.nested_images else img
+              for img in (a, b.copy(), a, b, a, b.copy())]
+    direct = processor(text=chats, images=loaded, padding=True, return_tensors="pt")
+    assert calls == ([6] if vlm.arch.vision_tower is None else [4])   # (a,p0) (path,p1) (b,p1) (a,p1)
+    assert inputs.keys() == direct.keys()
+    for key in direct:      # the processor works image by image: the same pixels, bitwise
+        assert torch.equal(inputs[key], direct[key]), key
 
 
-@pytest.mark.parametrize("family", SHARED)
-def test_shared_rows_equal_the_unshared_batch_and_single_runs(family, tiny_vlm, prompts):
-    from hones_core.interventions import Plan
-
+def test_generate_from_prepared_inputs_is_generate_before_stripping(family, tiny_vlm, images, prompts, monkeypatch):
     vlm = tiny_vlm(family)
-    image, prompt = _noisy(2, (40, 40)), prompts[0]
-    steer = Plan.scale_neurons({0: list(range(48)), 1: list(range(48))}, 3.0)
-    plans = [None, steer]
-    # bitwise where the computation is the same: the shared tower runs the one image, as a one-image
-    # batch does, and both rows get exact copies of its outputs
-    alone_tower = _tower_outputs(vlm, [image], [prompt])
-    shared_tower = _tower_outputs(vlm, [image] * 2, [prompt] * 2)
-    assert len(shared_tower) == len(alone_tower) > 0
-    for one, two in zip(alone_tower, shared_tower):
-        n = one.shape[0]
-        assert two.shape[0] == 2 * n and torch.equal(two[:n], one) and torch.equal(two[n:], one)
-    # the tower on 1 image instead of 2, the decoder on 2 rows instead of 1: equal up to float rounding
-    shared = _hidden(vlm, [image] * 2, [prompt] * 2, plans, shared=True)
-    torch.testing.assert_close(shared, _hidden(vlm, [image] * 2, [prompt] * 2, plans, shared=False), **ROUNDING)
-    # the base row is the plain single run, the steered row the steered single run (and far from the base)
-    alone = _hidden(vlm, [image], [prompt], Plan(), shared=False)[0]
-    torch.testing.assert_close(shared[0], alone, **ROUNDING)
-    torch.testing.assert_close(shared[1], _hidden(vlm, [image], [prompt], steer, shared=False)[0], **ROUNDING)
-    assert (shared[1] - alone).abs().max() > 1e-3
-    tokens, gap = _generate(vlm, [image] * 2, [prompt] * 2, plans, shared=True)
-    assert gap > 2 * ROUNDING["atol"]
-    assert tokens == _generate(vlm, [image] * 2, [prompt] * 2, plans, shared=False)[0]
-    assert tokens[0] == _generate(vlm, [image], [prompt], Plan(), shared=False)[0][0]
+    plans = [None, Plan.scale_neurons({0: list(range(48)), 1: list(range(48))}, 3.0)]
+    inputs = vlm.encode(images, prompts).inputs
+    with torch.inference_mode(), intervene(vlm.arch, plans, capture="last") as capture:
+        raw = vlm.generate_from(inputs, max_new_tokens=6)
+    # the same batch, plans and sharing called by hand: the same computation, so the same tokens and capture
+    with torch.inference_mode(), intervene(vlm.arch, plans, capture="last") as by_hand, vlm.sharing(2):
+        out = vlm.model.generate(**inputs, **vlm.generation_kwargs(6))
+    assert raw == vlm.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert capture.neurons.keys() == by_hand.neurons.keys() == {0, 1}
+    for layer, z in capture.neurons.items():
+        assert z.shape == (2, vlm.arch.intermediate_size) and torch.equal(z, by_hand.neurons[layer])
+    # generate is generate_from on the encoded batch, stripped; and it has no other way to the model
+    calls = []
+    original = vlm.generate_from
+    monkeypatch.setattr(vlm, "generate_from", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert vlm.generate(images, prompts, plans=plans, max_new_tokens=6) == [t.strip() for t in raw]
+    assert calls == [1]
 
 
-@pytest.mark.parametrize("family", SHARED + ("qwen2-vl",))
-def test_batches_mixing_images_share_only_exact_duplicates(family, tiny_vlm, images, prompts):
-    from hones_core.interventions import Plan
-
+def test_yes_no_margins_are_logit_yes_minus_logit_no(family, tiny_vlm, images, prompts):
     vlm = tiny_vlm(family)
-    a, b = _noisy(3, (40, 30)), _noisy(4, (30, 50))
-    almost_a = a.copy()
-    centre = (20, 15)       # kept by every processor's resize/crop, unlike a corner
-    almost_a.putpixel(centre, tuple(255 - v for v in a.getpixel(centre)))   # one pixel differs
-    batch = [a, b, a, images[0], almost_a]
-    texts = [prompts[0], prompts[1], prompts[1], prompts[0], prompts[0]]
-    plans = [None, Plan.ablate_heads([(0, 1)]), Plan.scale_neurons({1: list(range(20))}, 2.5), None, None]
-    shared = _hidden(vlm, batch, texts, plans, shared=True)
-    unshared = _hidden(vlm, batch, texts, plans, shared=False)
-    tokens, gap = _generate(vlm, batch, texts, plans, shared=True)
-    if vlm.arch.vision_tower is None:      # Qwen-VL: left unshared by design, so the very same computation
-        assert torch.equal(shared, unshared)
-        assert tokens == _generate(vlm, batch, texts, plans, shared=False)[0]
-        return
-    # the tower ran on 4 images instead of 5 (other shapes): equal up to float rounding
-    torch.testing.assert_close(shared, unshared, **ROUNDING)
-    assert gap > 2 * ROUNDING["atol"]
-    assert tokens == _generate(vlm, batch, texts, plans, shared=False)[0]
-    seen, handle = _count_tower_rows(vlm)
-    try:
-        alone = {}
-        for name, image in {"a": a, "b": b, "solid": images[0], "almost_a": almost_a}.items():
-            seen.clear()
-            _hidden(vlm, [image], texts[:1], Plan(), shared=True)
-            alone[name] = sum(seen)
-        seen.clear()
-        _hidden(vlm, batch, texts, plans, shared=False)
-        unshared = sum(seen)
-        seen.clear()
-        _hidden(vlm, batch, texts, plans, shared=True)
-        shared_rows = sum(seen)
-    finally:
-        handle.remove()
-    # only the second `a` is skipped: b, the solid image and the one-pixel change all run (Idefics3 also
-    # shares equal tiles inside the solid image, alone or in the batch)
-    assert shared_rows == sum(alone.values()) < unshared
-
-
-def test_vision_sharing_is_off_outside_the_block_and_for_other_threads(tiny_vlm, prompts):
-    import threading
-
-    from hones_core.models import share_images
-
-    vlm = tiny_vlm("llava")
-    image = _noisy(5, (32, 32))
-    seen, handle = _count_tower_rows(vlm)
-    other: list[int] = []
-    try:
-        with share_images(vlm.arch):
-            thread = threading.Thread(target=lambda: (_hidden(vlm, [image] * 2, [prompts[0]] * 2, None, shared=False),
-                                                      other.extend(seen)))
-            thread.start()
-            thread.join()
-            seen.clear()
-            _hidden(vlm, [image] * 3, [prompts[0]] * 3, None, shared=False)   # inside the block: shared
-            inside = list(seen)
-        seen.clear()
-        _hidden(vlm, [image] * 3, [prompts[0]] * 3, None, shared=False)
-        after = list(seen)
-    finally:
-        handle.remove()
-    assert other == [2] and inside == [1] and after == [3]
-    assert not vlm.arch.vision_tower._forward_pre_hooks and not vlm.arch.vision_tower._forward_hooks
+    yes, no = vlm.yes_no_ids()
+    assert vlm.yes_no_ids() is vlm.yes_no_ids()       # computed once
+    vocab = vlm.arch.unembedding().shape[0]
+    other = next(t for t in range(vocab) if t not in (yes, no))
+    logits = torch.zeros(3, vocab)
+    logits[0, yes], logits[0, no] = 2.5, -1.0
+    logits[1, no] = 4.0
+    logits[2, yes] = logits[2, no] = 7.0
+    logits[:, other] = 100.0                            # other tokens do not count
+    assert vlm.yes_no_margins(logits).tolist() == [3.5, -4.0, 0.0]
+    real = vlm.next_token_logits(images, prompts)
+    margins = vlm.yes_no_margins(real)
+    assert margins.shape == (2,)
+    assert torch.equal(margins, torch.stack([real[r, yes] - real[r, no] for r in range(2)]))

@@ -1,4 +1,4 @@
-"""Decoder-prefix sharing (`models.share_prefix`): rows that agree up to a layer run it once.
+"""Decoder-prefix sharing (`sharing.share_prefix`): rows that agree up to a layer run it once.
 
 What holds on every CPU, and is asserted here:
 - a layer runs once per group of rows whose inputs are bitwise equal and whose plans act alike there,
@@ -19,7 +19,7 @@ import torch
 
 from hones_core.arch import UnsupportedModelError
 from hones_core.interventions import Plan, intervene
-from hones_core.models import _decoder_layers, _fresh_cache, share_images, share_prefix, share_rows
+from hones_core.sharing import _decoder_layers, _fresh_cache, share_images, share_prefix, share_rows
 
 from conftest import top2_gap
 
@@ -404,33 +404,3 @@ def test_concurrent_shared_batches_match_sequential_runs(tiny_vlm, prompts):
     if errors:
         raise errors[0]
     assert all(torch.equal(results[i], expected[i]) for i in range(len(batches)))
-
-
-def test_encoding_processes_repeated_rows_once_and_equals_processing_all(family, tiny_vlm, prompts, tmp_path):
-    vlm = tiny_vlm(family)
-    a, b = _noisy(19, (40, 30)), _noisy(20, (30, 50))
-    path = tmp_path / "b.png"
-    b.save(path)
-    images = [a, path, a, b, a, path]
-    texts = [prompts[0], prompts[1], prompts[0], prompts[1], prompts[1], prompts[1]]
-    calls: list[int] = []
-    processor = vlm.processor
-    original = type(processor).__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(len(kwargs["text"]))
-        return original(self, *args, **kwargs)
-
-    type(processor).__call__ = counting
-    try:
-        inputs = vlm.encode(images, texts).inputs
-    finally:
-        type(processor).__call__ = original
-    chats = [vlm.chat_prompt(t) for t in texts]
-    loaded = [[img] if vlm.arch.family.nested_images else img
-              for img in (a, b.copy(), a, b, a, b.copy())]
-    direct = processor(text=chats, images=loaded, padding=True, return_tensors="pt")
-    assert calls == ([6] if vlm.arch.vision_tower is None else [4])   # (a,p0) (path,p1) (b,p1) (a,p1)
-    assert inputs.keys() == direct.keys()
-    for key in direct:      # the processor works image by image: the same pixels, bitwise
-        assert torch.equal(inputs[key], direct[key]), key
