@@ -53,11 +53,24 @@ def caption_token_idf(vlm: VLM, items: Sequence[TaskItem], *, shard: Shard = Sha
     return {int(token): math.log((n + 1) / (float(df[token]) + 1)) + 1 for token in df.nonzero()[:, 0].tolist()}
 
 
+def answer_weights(vlm: VLM, prompt: str, answer: str) -> dict[int, float]:
+    """Uniform target weights of an answer: token id -> its number of occurrences in the answer tokens."""
+    weights: dict[int, float] = {}
+    for token in vlm.answer_token_ids(prompt, answer):
+        weights[token] = weights.get(token, 0.0) + 1.0
+    return weights
+
+
+def yes_weights(vlm: VLM) -> dict[int, float]:
+    """The retrieval target: the "Yes" answer token, weight 1."""
+    return {vlm.yes_no_ids()[0]: 1.0}
+
+
 def target_weights(vlm: VLM, item: TaskItem, idf: dict[int, float] | None = None) -> dict[int, float]:
-    """Token id -> weight w_t of the item's DVP target."""
+    """Token id -> weight w_t of the item's DVP target (the task table's target rule)."""
     rule = TASKS[item.task].target
     if rule == "yes":
-        return {vlm.yes_no_ids()[0]: 1.0}
+        return yes_weights(vlm)
     if rule == "references":
         if idf is None:
             raise ValueError("caption targets need the IDF table of the discovery split (caption_token_idf)")
@@ -66,10 +79,7 @@ def target_weights(vlm: VLM, item: TaskItem, idf: dict[int, float] | None = None
             for token in vlm.answer_token_ids(item.prompt, ref):
                 weights[token] = weights.get(token, 0.0) + idf.get(token, 1.0)
         return weights
-    weights = {}
-    for token in vlm.answer_token_ids(item.prompt, item.answer):   # uniform: one per occurrence
-        weights[token] = weights.get(token, 0.0) + 1.0
-    return weights
+    return answer_weights(vlm, item.prompt, item.answer)
 
 
 def direction(unembedding: torch.Tensor, weights: dict[int, float]) -> torch.Tensor:

@@ -51,8 +51,8 @@ def _grouped(items: Sequence[TaskItem]) -> list[int]:
 
     Callers such as head localization pass (item, plan) rows plan by plan; run in this order,
     a batch holds each item under several plans, so its image is processed once, the vision
-    tower runs once for it (`models.share_images`) and the decoder layers before the first
-    layer where the plans differ run once (`models.share_prefix`). Each row's result does not
+    tower runs once for it (`sharing.share_images`) and the decoder layers before the first
+    layer where the plans differ run once (`sharing.share_prefix`). Each row's result does not
     depend on the order.
     """
     first: dict[int, int] = {}
@@ -93,7 +93,6 @@ def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan 
     order = _grouped(items)
     images = _Images(items)
     if TASKS[task].scoring == "yes/no":
-        yes, no = vlm.yes_no_ids()
         for chunk in _chunks(len(items), max(1, batch_size // 4)):
             rows = [order[j] for j in chunk]
             row_images, prompts, row_plans, owners = [], [], [], []
@@ -104,7 +103,7 @@ def predict(vlm: VLM, items: Sequence[TaskItem], *, plans: Plan | Sequence[Plan 
                     owners.append(i)
                     row_plans.append(plans if plans is None or isinstance(plans, Plan) else plans[i])
             logits = vlm.next_token_logits(row_images, prompts, plans=_flatten(row_plans))
-            margin = (logits[:, yes] - logits[:, no]).tolist()
+            margin = vlm.yes_no_margins(logits).tolist()
             for i in rows:
                 outputs[i] = [m for m, owner in zip(margin, owners) if owner == i]
             bar.update(len(rows))

@@ -27,7 +27,7 @@ Semantics (DESIGN.md section 3):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -85,6 +85,30 @@ class Plan:
         """Scale `{layer: [neuron, ...]}` by one factor (0 masks)."""
         return cls(neurons=tuple(NeuronScale(int(l), tuple(int(i) for i in ids), float(factor))
                                  for l, ids in sorted(selection.items()) if len(ids)))
+
+    @classmethod
+    def multiply_neurons(cls, multipliers: Mapping[int, tuple[Sequence[int], Sequence[float]]],
+                         factor: float = 1.0) -> Plan:
+        """Multiply each listed neuron by its own multiplier, times `factor`.
+
+        Args:
+            multipliers: `{layer: (neurons, multipliers)}`, e.g. stored scales' 1 + s
+                (`rankings.Scales.multipliers()`).
+            factor: one more factor on top (the app's slider; 1 leaves the multipliers as they are).
+        """
+        return cls(neurons=tuple(NeuronScale(int(layer), tuple(int(n) for n in neurons),
+                                             tuple(float(m) * factor for m in mult))
+                                 for layer, (neurons, mult) in sorted(multipliers.items()) if len(neurons)))
+
+    @classmethod
+    def learned(cls, layers: torch.Tensor, neurons: torch.Tensor, scale: torch.Tensor) -> Plan:
+        """z_i <- z_i * (1 + scale_i) for each (layers_i, neurons_i), sorted by layer; gradients reach `scale`."""
+        edits, start = [], 0
+        for layer in torch.unique_consecutive(layers).tolist():
+            count = int((layers == layer).sum())
+            edits.append(LearnedScale(layer, tuple(neurons[start:start + count].tolist()), scale[start:start + count]))
+            start += count
+        return cls(neurons=tuple(edits))
 
     @property
     def empty(self) -> bool:

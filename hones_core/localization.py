@@ -77,7 +77,7 @@ def utilities(vlm: VLM, items: Sequence[TaskItem], plans: Sequence[Plan | None],
     """
     _check_utility(utility)
     # item-major rows: a batch holds each item under all plans, so its image is processed once
-    # and the layers before the first one where the plans differ run once (models.share_prefix)
+    # and the layers before the first one where the plans differ run once (sharing.share_prefix)
     k = len(plans)
     rows = [item for item in items for _ in plans]
     row_plans = [plan for _ in items for plan in plans]

@@ -118,6 +118,26 @@ def demo_service(toy_vlm, app_rankings):
     return DemoService(toy_vlm, rankings.load(app_rankings))
 
 
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory):
+    """Two synthetic-world examples per task (seed 4242), read back like the app's gallery."""
+    from hones_core.demo import read_examples
+    from hones_core.toy.examples import write_examples
+
+    out = tmp_path_factory.mktemp("examples")
+    write_examples(out, seed=4242, per_task=2)
+    return read_examples(out)
+
+
+def demo_request(service, example, **overrides):
+    """`service.request` for an examples.json entry: masked (factor 0), 2 % budget, HONES neurons."""
+    fields = dict(task=example["task"], image=example["image"], question=example.get("question"),
+                  bbox=example.get("bbox"), candidates=example.get("candidates"), gold=example.get("answer"),
+                  factor=0.0, budget_pct=2.0, method="hones")
+    fields.update(overrides)
+    return service.request(**fields)
+
+
 class InsideCalls:
     """Counts decoder passes of a model inside and outside the functions wrapped with `wrap`.
 
