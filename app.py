@@ -20,7 +20,9 @@ import os
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 try:   # ZeroGPU: `spaces` must be imported before anything touches CUDA
     import spaces
@@ -28,6 +30,7 @@ except ImportError:
     spaces = None
 
 from hones_core.assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS
+from hones_core.tasks import TASKS
 
 LOG = logging.getLogger("hones.app")
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_CONCURRENCY = "127.0.0.1", 7860, 4
@@ -175,10 +178,25 @@ def _on_gpu(fn):
     return spaces.GPU(duration=120)(fn) if spaces is not None else fn
 
 
+# What each task asks for beside the image (`TASKS[task].input`): the textbox, and how an
+# examples.json entry fills it. Tasks whose input is None (captioning) get no textbox.
+INPUT_WIDGETS = {
+    "question": dict(label="Question", max_lines=3, elem_id="question", placeholder="What color is the circle?"),
+    "box": dict(label="Text box x, y, w, h in pixels (optional; drawn in blue)", placeholder="42, 64, 41, 21",
+                elem_id="bbox"),
+    "candidates": dict(label="Candidate captions, one per line (2–10)", lines=5, elem_id="candidates"),
+}
+EXAMPLE_FIELDS = {
+    "question": lambda entry: entry.get("question", ""),
+    "box": lambda entry: ", ".join(str(v) for v in entry.get("bbox", [])),
+    "candidates": lambda entry: "\n".join(entry.get("candidates", [])),
+}
+
+
 def _example_row(task: str, entry: dict) -> list:
-    """An examples.json entry as the values of [image, task input, gold]."""
-    extra = {"vqa": [entry.get("question", "")], "ocr": [", ".join(str(v) for v in entry.get("bbox", []))],
-             "caption": [], "retrieval": ["\n".join(entry.get("candidates", []))]}[task]
+    """An examples.json entry as the values of [image, task input (if the task has one), gold]."""
+    kind = TASKS[task].input
+    extra = [EXAMPLE_FIELDS[kind](entry)] if kind in EXAMPLE_FIELDS else []
     return [entry["image"], *extra, entry.get("answer", "")]
 
 
@@ -203,171 +221,215 @@ def image_path_input(**kwargs):
     return component
 
 
-def build_app(service, examples_dir: str | None = None, examples: dict | None = None):
+@dataclass
+class Page:
+    """The components `build_app` wires: the request's inputs and everything a result fills."""
+    task: Any
+    image: Any
+    task_inputs: dict                 # TASKS[...].input kind -> textbox (hidden where the task is unavailable)
+    gold: Any
+    factor: Any
+    budget: Any
+    method: Any
+    run: Any
+    tabs: dict                        # available task -> its tab
+    base_answer: Any = None
+    steered_answer: Any = None
+    summary: Any = None
+    table: Any = None
+    plot_images: dict = field(default_factory=dict)
+    plot_captions: dict = field(default_factory=dict)
+    download: Any = None
+    last: Any = None
+
+    @property
+    def inputs(self) -> list:
+        return [self.task, self.image, *[self.task_inputs[k] for k in INPUT_WIDGETS], self.gold, self.factor,
+                self.budget, self.method]
+
+    def outputs(self, keys: list[str]) -> list:
+        return [self.base_answer, self.steered_answer, self.summary, self.table, *[self.plot_images[k] for k in keys],
+                *[self.plot_captions[k] for k in keys], self.download, self.last]
+
+
+def _task_tabs(service, examples: dict, image, gold) -> tuple[dict, dict]:
+    """One tab per task (greyed out with the reason where the rankings lack it), its input box and examples."""
     import gradio as gr
 
-    from hones_core import demo as service_lib
-    from hones_core.demo import PLOTS, DemoInputError
+    available, unavailable = service.tasks, service.unavailable()
+    boxes, tabs = {}, {}
+    with gr.Tabs(selected=available[0]):
+        for name, spec in TASKS.items():
+            with gr.Tab(spec.title if name in available else f"{spec.title} (unavailable)", id=name,
+                        interactive=name in available, elem_id=f"tab-{name}") as tab:
+                if name not in available:
+                    gr.Markdown(f"Not available: {unavailable[name]}.")
+                    continue
+                tabs[name] = tab
+                if spec.input in INPUT_WIDGETS:
+                    boxes[spec.input] = gr.Textbox(**INPUT_WIDGETS[spec.input])
+                else:
+                    gr.Markdown(f"{spec.title} needs no extra input.")
+                rows = examples.get(name, [])
+                if rows:
+                    extra = [boxes[spec.input]] if spec.input in boxes else []
+                    gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
+                                label=f"{spec.title} examples", examples_per_page=8)
+    return boxes, tabs
+
+
+def _input_column(service, examples: dict) -> Page:
+    """The left column: image, task tabs, gold answer, factor, budget, neuron set, Run."""
+    import gradio as gr
+
+    from hones_core.demo import FACTOR_MAX, FACTOR_MIN
+
+    first = service.tasks[0]
+    image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"], elem_id="image")
+    gold = gr.Textbox(label=GOLD_LABELS[first], info=GOLD_INFO, elem_id="gold", render=False)
+    boxes, tabs = _task_tabs(service, examples, image, gold)
+    gold.render()
+    owner = {spec.input: name for name, spec in TASKS.items()}    # a hidden box keeps the API's parameter names
+    task_inputs = {kind: boxes.get(kind) or gr.Textbox(visible=False, label=f"{owner[kind]} input")
+                   for kind in INPUT_WIDGETS}
+    factor = _raw(gr.Slider(FACTOR_MIN, FACTOR_MAX, value=0.0, step=0.05,
+                            label="Scaling factor (1 = unchanged, 0 = neurons masked)", elem_id="factor"))
+    budget = _raw(gr.Number(value=1.0, label="Neuron budget (% of all FFN neurons, top of the ranking)",
+                            elem_id="budget"))
+    method = gr.Dropdown(choices=service.methods(first), value="hones", label="Neuron set", elem_id="method")
+    run = gr.Button("Run", variant="primary", elem_id="run")
+    return Page(None, image, task_inputs, gold, factor, budget, method, run, tabs)
+
+
+def _output_column(page: Page) -> None:
+    """The right column: both answers, the summary, the retrieval table, the plots, the download."""
+    import gradio as gr
+
+    from hones_core.demo import PLOTS
+
+    with gr.Row():
+        page.base_answer = gr.HighlightedText(label="Base model", elem_id="base-answer",
+                                              color_map={"removed": "#f4a6a6"}, show_legend=False)
+        page.steered_answer = gr.HighlightedText(label="Steered model", elem_id="steered-answer",
+                                                 color_map={"added": "#a6e3b8"}, show_legend=False)
+    page.summary = gr.Markdown(label="Summary", elem_id="summary")
+    page.table = gr.Dataframe(headers=TABLE_HEADERS, visible=False, interactive=False, wrap=True,
+                              column_widths=TABLE_WIDTHS, label="Candidates ranked by Yes−No margin",
+                              elem_id="ranking")
+    for i in range(0, len(PLOTS), 2):
+        with gr.Row():
+            for key in PLOTS[i:i + 2]:
+                with gr.Column(min_width=260):
+                    # no label badge or buttons: they would cover the figure's title and legend
+                    page.plot_images[key] = gr.Image(label=PLOT_TITLES[key], show_label=False, type="pil",
+                                                     interactive=False, elem_id=f"plot-{key}", buttons=[])
+                    page.plot_captions[key] = gr.Markdown(label=f"{PLOT_TITLES[key]} (caption)",
+                                                          elem_id=f"caption-{key}")
+    page.download = gr.File(label="Download results (JSON)", elem_id="download")
+
+
+def build_app(service, examples_dir: str | None = None, examples: dict | None = None):
+    """The page: layout (`_input_column`, `_output_column`), then the events (`_wire`)."""
+    import gradio as gr
+
+    from hones_core.demo import read_examples
 
     if examples is None:
-        examples = service_lib.read_examples(examples_dir or DEFAULT_EXAMPLES)
-    results_dir = tempfile.mkdtemp(prefix="hones-results-")
-    compute = _on_gpu(service.compute)
-    compute_sweep = _on_gpu(service.compute_sweep)
-    available, unavailable = service.tasks, service.unavailable()
-    first = available[0]
-    keys = [k for k in PLOTS if k != "sweep"]
-
+        examples = read_examples(examples_dir or DEFAULT_EXAMPLES)
     with gr.Blocks(title="HONES: heads → neurons → steering") as app:
         gr.Markdown(INTRO)
-        task = gr.Textbox(first, visible=False, label="task", elem_id="task")   # the selected tab; an API input
+        task = gr.Textbox(service.tasks[0], visible=False, label="task", elem_id="task")   # the tab; an API input
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"], elem_id="image")
-                gold = gr.Textbox(label=GOLD_LABELS[first], info=GOLD_INFO, elem_id="gold", render=False)
-                boxes, tabs = {}, {}
-                with gr.Tabs(selected=first):
-                    for name in service_lib.TASKS:
-                        title = service_lib.TASK_TITLES[name]
-                        with gr.Tab(title if name in available else f"{title} (unavailable)", id=name,
-                                    interactive=name in available, elem_id=f"tab-{name}") as tab:
-                            if name not in available:
-                                gr.Markdown(f"Not available: {unavailable[name]}.")
-                                continue
-                            tabs[name] = tab
-                            if name == "vqa":
-                                boxes[name] = gr.Textbox(label="Question", max_lines=3, elem_id="question",
-                                                         placeholder="What color is the circle?")
-                            elif name == "ocr":
-                                boxes[name] = gr.Textbox(label="Text box x, y, w, h in pixels (optional; drawn in "
-                                                               "blue)", placeholder="42, 64, 41, 21", elem_id="bbox")
-                            elif name == "caption":
-                                gr.Markdown("Captioning needs no extra input.")
-                            else:
-                                boxes[name] = gr.Textbox(label="Candidate captions, one per line (2–10)", lines=5,
-                                                         elem_id="candidates")
-                            rows = examples.get(name, [])
-                            if rows:
-                                extra = [boxes[name]] if name in boxes else []
-                                gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
-                                            label=f"{title} examples", examples_per_page=8)
-                gold.render()
-                hidden = {n: boxes.get(n) or gr.Textbox(visible=False, label=f"{n} input")
-                          for n in ("vqa", "ocr", "retrieval")}
-                question_box, bbox_box, candidates_box = hidden["vqa"], hidden["ocr"], hidden["retrieval"]
-                factor = _raw(gr.Slider(service_lib.FACTOR_MIN, service_lib.FACTOR_MAX, value=0.0, step=0.05,
-                                        label="Scaling factor (1 = unchanged, 0 = neurons masked)", elem_id="factor"))
-                budget = _raw(gr.Number(value=1.0, label="Neuron budget (% of all FFN neurons, top of the ranking)",
-                                        elem_id="budget"))
-                method = gr.Dropdown(choices=service.methods(first), value="hones", label="Neuron set",
-                                     elem_id="method")
-                run = gr.Button("Run", variant="primary", elem_id="run")
+                page = _input_column(service, examples)
             with gr.Column(scale=3, min_width=420):
-                with gr.Row():
-                    base_answer = gr.HighlightedText(label="Base model", elem_id="base-answer",
-                                                     color_map={"removed": "#f4a6a6"}, show_legend=False)
-                    steered_answer = gr.HighlightedText(label="Steered model", elem_id="steered-answer",
-                                                        color_map={"added": "#a6e3b8"}, show_legend=False)
-                summary = gr.Markdown(label="Summary", elem_id="summary")
-                table = gr.Dataframe(headers=TABLE_HEADERS, visible=False, interactive=False, wrap=True,
-                                     column_widths=TABLE_WIDTHS, label="Candidates ranked by Yes−No margin",
-                                     elem_id="ranking")
-                plot_images, plot_captions = {}, {}
-                for i in range(0, len(PLOTS), 2):
-                    with gr.Row():
-                        for key in PLOTS[i:i + 2]:
-                            with gr.Column(min_width=260):
-                                # no label badge or buttons: they would cover the figure's title and legend
-                                plot_images[key] = gr.Image(label=PLOT_TITLES[key], show_label=False, type="pil",
-                                                            interactive=False, elem_id=f"plot-{key}", buttons=[])
-                                plot_captions[key] = gr.Markdown(label=f"{PLOT_TITLES[key]} (caption)",
-                                                                 elem_id=f"caption-{key}")
-                download = gr.File(label="Download results (JSON)", elem_id="download")
-        last = gr.State(None)
-
-        inputs = [task, image, question_box, bbox_box, candidates_box, gold, factor, budget, method]
-        outputs = [base_answer, steered_answer, summary, table, *[plot_images[k] for k in keys],
-                   *[plot_captions[k] for k in keys], download, last]
-        sweep_outputs = [plot_images["sweep"], plot_captions["sweep"], download]
-
-        def request(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_):
-            return service.request(task=task_, image=image_, question=question_, bbox=bbox_, candidates=candidates_,
-                                   gold=gold_, factor=factor_, budget_pct=budget_, method=method_)
-
-        def refuse(err: Exception):
-            LOG.info("rejected input: %s", str(err).replace("\n", " "))   # one line; no traceback for bad input
-            return gr.Error(str(err), title="Cannot run this request", print_exception=False)
-
-        def on_run(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_):
-            try:
-                out = service.run(request(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_,
-                                          method_), compute=compute)
-            except DemoInputError as err:
-                raise refuse(err) from None
-            for note in out.warnings:
-                gr.Warning(note)
-            images = [out.plots[k][0] if k in out.plots else None for k in keys]
-            captions = [out.plots[k][1] if k in out.plots else "_Not available for this input._" for k in keys]
-            table_update = gr.Dataframe(value=out.table, visible=True) if out.table is not None else \
-                gr.Dataframe(value=None, visible=False)
-            path = service_lib.write_results(out.results, results_dir)
-            return [out.base_answer, out.steered_answer, out.summary, table_update, *images, *captions, str(path),
-                    out.results]
-
-        def on_sweep(results, *values):
-            try:
-                image_, caption, factors, curve = service.sweep(request(*values), compute=compute,
-                                                                compute_sweep=compute_sweep)
-            except DemoInputError as err:
-                LOG.info("sweep not drawn: %s", str(err).replace("\n", " "))
-                return None, f"_{err}_", gr.skip()
-            path = service_lib.write_results({**(results or {}), "sweep": {"factors": factors, "values": curve}},
-                                             results_dir)
-            return image_, caption, str(path)
-
-        def on_slider_sweep(results, *values):
-            if results is None:      # the slider moved before any Run: nothing to sweep either
-                return [gr.skip()] * len(sweep_outputs)
-            return on_sweep(results, *values)
-
-        def on_slider(results, *values):
-            """A slider move re-runs a request already shown; before the first Run it does nothing."""
-            if results is None:
-                return [gr.skip()] * len(outputs)
-            return on_run(*values)
-
-        def cleared(note: str) -> list:
-            """Values for `cleared_outputs`: nothing from an earlier request stays on screen."""
-            return [None, None, note, gr.Dataframe(value=None, visible=False), *[None] * len(keys),
-                    *[note] * len(keys), None, None, None, note]
-
-        def on_failure():
-            """An error leaves nothing from the previous request on screen that looks current."""
-            return cleared(STALE)
-
-        def on_task(name):
-            """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
-            return [gr.Dropdown(choices=service.methods(name), value="hones"),
-                    gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared("")]
-
-        for name, tab in tabs.items():
-            tab.select(lambda n=name: n, outputs=task, queue=False, show_progress="hidden",
-                       api_name=f"select_{name}", api_visibility="private")
-        cleared_outputs = [*outputs, plot_images["sweep"], plot_captions["sweep"]]
-        task.change(on_task, task, [method, gold, *cleared_outputs], queue=False, show_progress="hidden", api_name="set_task",
-                    api_visibility="private")
-        run_event = run.click(on_run, inputs, outputs, api_name="run", concurrency_id="model")
-        run_event.success(on_sweep, [last, *inputs], sweep_outputs, api_name="sweep", concurrency_id="model")
-        run_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_error", api_visibility="private",
-                          queue=False, show_progress="hidden")
-        # moving only the slider re-runs only the steered row (the base result is cached)
-        slider_event = factor.release(on_slider, [last, *inputs], outputs, api_name="slider",
-                                      api_visibility="private", concurrency_id="model", trigger_mode="always_last")
-        slider_event.success(on_slider_sweep, [last, *inputs], sweep_outputs, api_name="slider_sweep",
-                             api_visibility="private", concurrency_id="model")
-        slider_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_slider_error",
-                             api_visibility="private", queue=False, show_progress="hidden")
+                _output_column(page)
+        page.task, page.last = task, gr.State(None)
+        _wire(service, page)
     return app
+
+
+def _wire(service, page: Page) -> None:
+    """Every event of the page, each with an api_name: run, sweep, slider moves, tab changes, error clearing."""
+    import gradio as gr
+
+    from hones_core.demo import PLOTS, DemoInputError, write_results
+
+    results_dir = tempfile.mkdtemp(prefix="hones-results-")
+    compute, compute_sweep = _on_gpu(service.compute), _on_gpu(service.compute_sweep)
+    keys = [k for k in PLOTS if k != "sweep"]
+    inputs, outputs = page.inputs, page.outputs(keys)
+    sweep_outputs = [page.plot_images["sweep"], page.plot_captions["sweep"], page.download]
+    cleared_outputs = [*outputs, page.plot_images["sweep"], page.plot_captions["sweep"]]
+
+    def request(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_):
+        return service.request(task=task_, image=image_, question=question_, bbox=bbox_, candidates=candidates_,
+                               gold=gold_, factor=factor_, budget_pct=budget_, method=method_)
+
+    def on_run(*values):
+        try:
+            out = service.run(request(*values), compute=compute)
+        except DemoInputError as err:
+            LOG.info("rejected input: %s", str(err).replace("\n", " "))   # one line; no traceback for bad input
+            raise gr.Error(str(err), title="Cannot run this request", print_exception=False) from None
+        for note in out.warnings:
+            gr.Warning(note)
+        images = [out.plots[k][0] if k in out.plots else None for k in keys]
+        captions = [out.plots[k][1] if k in out.plots else "_Not available for this input._" for k in keys]
+        table_update = gr.Dataframe(value=out.table, visible=True) if out.table is not None else \
+            gr.Dataframe(value=None, visible=False)
+        path = write_results(out.results, results_dir)
+        return [out.base_answer, out.steered_answer, out.summary, table_update, *images, *captions, str(path),
+                out.results]
+
+    def on_sweep(results, *values):
+        try:
+            image_, caption, factors, curve = service.sweep(request(*values), compute=compute,
+                                                            compute_sweep=compute_sweep)
+        except DemoInputError as err:
+            LOG.info("sweep not drawn: %s", str(err).replace("\n", " "))
+            return None, f"_{err}_", gr.skip()
+        path = write_results({**(results or {}), "sweep": {"factors": factors, "values": curve}}, results_dir)
+        return image_, caption, str(path)
+
+    def on_slider(results, *values):
+        """A slider move re-runs a request already shown; before the first Run it does nothing."""
+        return [gr.skip()] * len(outputs) if results is None else on_run(*values)
+
+    def on_slider_sweep(results, *values):
+        """Before any Run there is nothing to sweep either."""
+        return [gr.skip()] * len(sweep_outputs) if results is None else on_sweep(results, *values)
+
+    def cleared(note: str) -> list:
+        """Values for `cleared_outputs`: nothing from an earlier request stays on screen."""
+        return [None, None, note, gr.Dataframe(value=None, visible=False), *[None] * len(keys),
+                *[note] * len(keys), None, None, None, note]
+
+    def on_failure():
+        """An error leaves nothing from the previous request on screen that looks current."""
+        return cleared(STALE)
+
+    def on_task(name):
+        """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
+        return [gr.Dropdown(choices=service.methods(name), value="hones"),
+                gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared("")]
+
+    for name, tab in page.tabs.items():
+        tab.select(lambda n=name: n, outputs=page.task, queue=False, show_progress="hidden",
+                   api_name=f"select_{name}", api_visibility="private")
+    page.task.change(on_task, page.task, [page.method, page.gold, *cleared_outputs], queue=False,
+                     show_progress="hidden", api_name="set_task", api_visibility="private")
+    run_event = page.run.click(on_run, inputs, outputs, api_name="run", concurrency_id="model")
+    run_event.success(on_sweep, [page.last, *inputs], sweep_outputs, api_name="sweep", concurrency_id="model")
+    run_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_error", api_visibility="private",
+                      queue=False, show_progress="hidden")
+    # moving only the slider re-runs only the steered row (the base result is cached)
+    slider_event = page.factor.release(on_slider, [page.last, *inputs], outputs, api_name="slider",
+                                       api_visibility="private", concurrency_id="model", trigger_mode="always_last")
+    slider_event.success(on_slider_sweep, [page.last, *inputs], sweep_outputs, api_name="slider_sweep",
+                         api_visibility="private", concurrency_id="model")
+    slider_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_slider_error",
+                         api_visibility="private", queue=False, show_progress="hidden")
 
 
 # --------------------------------------------------------------------------- start-up
