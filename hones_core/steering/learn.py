@@ -1,20 +1,10 @@
-"""Steering: scale a task's selected FFN neurons to make the model better at the task.
+"""Learned steering: one trained scale per selected FFN neuron, everything else frozen.
 
-All methods act on the neurons a rankings artifact selects for the task (the global top
-`ratio` of all (layer, neuron) pairs, default 1 %), and are reported on the test split
-(DESIGN.md section 3):
-
-- `fixed` (Fixed-Amp): every selected neuron x 2.0.
-- `grid` (Grid-Search): one factor from `GRID` for all selected neurons, the one with the best
-  task metric on dev (ties: the factor closest to 1, i.e. the smallest change).
-- `learned`: z~ = z * (1 + m * s), m the selected-neuron mask, s one fp32 scale per selected
-  neuron (init 0) and the only tensor that is trained. Loss per dev example = mean CE of the
-  answer tokens + beta * KL(p_orig || p_scaled) on the answer positions + lambda * mean(s^2).
-  AdamW (no weight decay), cosine from lr to 0.1 * lr, grad-norm clip, batch 1 with gradient
-  accumulation, s clamped to [-clamp, clamp] after every step (`SteerConfig`).
-- `learned-nokl`: the same with beta = 0.
-- `random` (RandNeuron): random neurons with the HONES selection's per-layer counts (seeded),
-  learned like `learned`.
+z~ = z * (1 + m * s), m the selected-neuron mask, s one fp32 scale per selected neuron (init 0)
+and the only tensor that is trained. Loss per dev example = mean CE of the answer tokens +
+beta * KL(p_orig || p_scaled) on the answer positions + lambda * mean(s^2). AdamW (no weight
+decay), cosine from lr to 0.1 * lr, grad-norm clip, batch 1 with gradient accumulation, s
+clamped to [-clamp, clamp] after every step (`SteerConfig`).
 
 The teacher p_orig is the same model run without the scaling (no second copy of the weights).
 During training every model parameter has `requires_grad=False` (restored afterwards), so
@@ -22,12 +12,8 @@ only s gets a gradient. Prompt+answer sequences come from `VLM.encode(..., with_
 the same chat template and image expansion as generation, labels on exactly the answer
 tokens and the end-of-turn token (so the model also learns where to stop).
 
-The official release's learned steering never took an optimiser step (it called a missing
-method and swallowed the error); here every failure raises.
-
-`run_task` runs the chosen methods for one task and keeps `<out>/<task>/results.json` up to
-date after each method; learned training writes a checkpoint at every epoch boundary to
-`<out>/.progress/`, so rerunning the same command continues where a killed run stopped.
+`learn_scales` writes a checkpoint at every epoch boundary when given a file, and continues
+from it when rerun with the same items, neurons and settings.
 """
 
 from __future__ import annotations
@@ -44,27 +30,15 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from . import rankings
-from .errors import ProgressMismatchError
-from .evaluation import evaluate
-from .files import atomic_write, digest
-from .interventions import LearnedScale, NeuronScale, Plan, intervene
-from .localization import utilities
-from .metrics import METRIC_NAMES
-from .models import VLM, Encoded
-from .rankings import Scales, TaskRanking
-from .selection import Selection
-from .tasks import TaskItem
+from ..errors import ProgressMismatchError
+from ..files import atomic_write, digest
+from ..interventions import LearnedScale, Plan, intervene
+from ..models import VLM, Encoded
+from ..rankings import Scales
+from ..tasks import TaskItem
 
-METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
-LEARNED = ("learned", "learned-nokl", "random")
-GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-FIXED_FACTOR = 2.0
-RESULTS_FILE = "results.json"
-
-SteeringProgressError = ProgressMismatchError     # the name before errors.py; same failure as a rank run's
-
-
+__all__ = ["SteerConfig", "Example", "training_examples", "encode_examples", "answer_position_logprobs",
+           "neuron_layout", "learned_plan", "frozen", "LearnResult", "example_loss", "dev_ce", "learn_scales"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +54,7 @@ class SteerConfig:
     clamp: float = 1.5           # s in [-clamp, clamp] after every step
     seed: int = 0                # example order per epoch
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.epochs < 1 or self.accumulation < 1:
             raise ValueError(f"epochs and accumulation must be at least 1, got {self.epochs} and {self.accumulation}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0 or self.clamp <= 0 or self.grad_clip <= 0:
@@ -122,7 +96,7 @@ def encode_examples(vlm: VLM, examples: Sequence[Example]) -> Encoded:
                       [e.answer for e in examples], with_stop=True)
 
 
-def answer_logprobs(vlm: VLM, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_position_logprobs(vlm: VLM, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-distributions at the answer positions, under the caller's grad mode and plans.
 
     Returns:
@@ -131,7 +105,7 @@ def answer_logprobs(vlm: VLM, encoded: Encoded) -> tuple[torch.Tensor, torch.Ten
     """
     labels = encoded.labels
     if labels is None:
-        raise ValueError("answer_logprobs needs a batch encoded with answers")
+        raise ValueError("answer_position_logprobs needs a batch encoded with answers")
     n = int((labels != -100).sum(-1).max())
     logits = vlm.unembed(vlm.last_hidden(encoded.inputs)[:, -(n + 1):-1])
     return torch.log_softmax(logits, dim=-1), (labels[:, -n:] != -100).float()
@@ -140,8 +114,8 @@ def answer_logprobs(vlm: VLM, encoded: Encoded) -> tuple[torch.Tensor, torch.Ten
 # --------------------------------------------------------------------------- the scale vector
 
 
-def _layout(selection: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layers, neurons) int64 `[n]` of a selection, sorted by layer then neuron."""
+def neuron_layout(selection: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, neurons) int64 `[n]` of a selection, sorted by layer then neuron: the order of the scale vector."""
     pairs = sorted((int(layer), int(n)) for layer, neurons in selection.items() for n in neurons)
     if not pairs:
         raise ValueError("the selection is empty: there are no neurons to steer")
@@ -159,16 +133,6 @@ def learned_plan(layers: torch.Tensor, neurons: torch.Tensor, scale: torch.Tenso
         edits.append(LearnedScale(layer, tuple(neurons[start:start + count].tolist()), scale[start:start + count]))
         start += count
     return Plan(neurons=tuple(edits))
-
-
-def scales_plan(scales: Scales) -> Plan:
-    """The plan that applies stored scales: z_i <- z_i * (1 + s_i)."""
-    return Plan(neurons=tuple(NeuronScale(layer, tuple(neurons), tuple(factors))
-                              for layer, (neurons, factors) in scales.multipliers().items()))
-
-
-def uniform_plan(selection: Mapping[int, Sequence[int]], factor: float) -> Plan:
-    return Plan.scale_neurons(dict(selection), factor)
 
 
 @contextmanager
@@ -205,9 +169,9 @@ def example_loss(vlm: VLM, encoded: Encoded, plan: Plan, scale: torch.Tensor, cf
     """CE + beta * KL(p_orig || p_scaled) + lam * mean(s^2) of one encoded batch (mean over answer tokens)."""
     if cfg.beta > 0:
         with torch.no_grad():   # the teacher: the same weights, scaling off
-            teacher, _ = answer_logprobs(vlm, encoded)
+            teacher, _ = answer_position_logprobs(vlm, encoded)
     with intervene(vlm.arch, plan):
-        student, mask = answer_logprobs(vlm, encoded)
+        student, mask = answer_position_logprobs(vlm, encoded)
     tokens = mask.sum()
     targets = encoded.labels[:, -mask.shape[1]:].clamp(min=0)
     ce = -(student.gather(-1, targets[..., None])[..., 0] * mask).sum() / tokens
@@ -226,7 +190,7 @@ def dev_ce(vlm: VLM, examples: Sequence[Example], plan: Plan | None, *, batch_si
     for start in range(0, len(examples), batch_size):
         encoded = encode_examples(vlm, examples[start:start + batch_size])
         with intervene(vlm.arch, plan if plan is not None else Plan()):
-            logp, mask = answer_logprobs(vlm, encoded)
+            logp, mask = answer_position_logprobs(vlm, encoded)
         targets = encoded.labels[:, -mask.shape[1]:].clamp(min=0)
         token_logp = logp.gather(-1, targets[..., None])[..., 0] * mask
         values.extend((-token_logp.sum(-1) / mask.sum(-1)).tolist())
@@ -241,6 +205,7 @@ def _lr(cfg: SteerConfig, step: int, total: int) -> float:
 
 def _save_checkpoint(path: Path, key: str, epoch: int, scale: torch.Tensor, optimizer: torch.optim.Optimizer,
                      history: dict) -> None:
+    """Scale, AdamW moments and step count after `epoch` epochs, tagged with the run's `key`."""
     state = optimizer.state_dict()["state"].get(0, {})
     tensors = {"scale": scale.detach().clone()}
     for name in ("exp_avg", "exp_avg_sq"):
@@ -254,6 +219,7 @@ def _save_checkpoint(path: Path, key: str, epoch: int, scale: torch.Tensor, opti
 
 def _load_checkpoint(path: Path, key: str, scale: torch.Tensor, optimizer: torch.optim.Optimizer
                      ) -> tuple[int, dict]:
+    """Restore `scale` and `optimizer` from a checkpoint of the run `key`; returns (epochs done, history)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("key") != key:
@@ -289,12 +255,13 @@ def learn_scales(vlm: VLM, items: Sequence[TaskItem], selection: Mapping[int, Se
         `LearnResult` with the scales and the dev-loss history.
 
     Raises:
-        SteeringProgressError: `checkpoint` holds the state of a different training run.
+        ProgressMismatchError (alias `SteeringProgressError`): `checkpoint` holds the state of a
+            different training run.
     """
     if not items:
         raise ValueError("no dev items to learn scales on")
     examples = training_examples(items)
-    layers, neurons = _layout(selection)
+    layers, neurons = neuron_layout(selection)
     scale = torch.zeros(len(layers), dtype=torch.float32, requires_grad=True)   # on CPU; hooks move it
     optimizer = torch.optim.AdamW([scale], lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / cfg.accumulation)
@@ -340,153 +307,3 @@ def learn_scales(vlm: VLM, items: Sequence[TaskItem], selection: Mapping[int, Se
     info = {**dict(meta or {}), **asdict(cfg), "task": task, "model": vlm.name, "dev_examples": len(examples),
             "dev_ce": history["dev_ce"]}
     return LearnResult(Scales(layers=layers, neurons=neurons, scale=scale.detach().clone(), meta=info), history)
-
-
-# --------------------------------------------------------------------------- running the methods
-
-
-def _result(method: str, evaluation, settings: dict) -> dict:
-    return {"method": method, "metric": evaluation.metric, "n": evaluation.n, "settings": settings}
-
-
-def grid_search(vlm: VLM, dev_items: Sequence[TaskItem], selection: Selection, *, factors: Sequence[float] = GRID,
-                batch_size: int = 16, progress: bool = True) -> tuple[float, dict[float, float]]:
-    """The factor with the best dev metric (ties: closest to 1) and the dev metric of each factor."""
-    values = utilities(vlm, dev_items, [uniform_plan(selection, f) for f in factors], "metric",
-                       batch_size=batch_size, progress=progress)
-    by_factor = dict(zip(factors, values))
-    best = max(factors, key=lambda f: (by_factor[f], -abs(f - 1.0)))
-    return best, by_factor
-
-
-def _scale_stats(scale: torch.Tensor, clamp: float) -> dict:
-    return {"mean": float(scale.mean()), "min": float(scale.min()), "max": float(scale.max()),
-            "abs_mean": float(scale.abs().mean()), "at_clamp": int((scale.abs() >= clamp).sum())}
-
-
-def scales_file(method: str) -> str:
-    """Where a learned method's scales go inside `<out>/<task>/`: the main method's in the artifact's name."""
-    return rankings.SCALES_FILE if method == "learned" else f"scales-{method}.safetensors"
-
-
-def run_task(vlm: VLM, ranking: TaskRanking, dev_items: Sequence[TaskItem], test_items: Sequence[TaskItem],
-             methods: Sequence[str], out: str | Path, *, ratio: float = rankings.DEFAULT_RATIO,
-             cfg: SteerConfig = SteerConfig(), batch_size: int = 16, run_info: Mapping | None = None,
-             progress: bool = True) -> dict:
-    """Base and the chosen steering methods for one task; results in `<out>/<task>/results.json`.
-
-    Args:
-        ranking: the task's rankings (its HONES selection at `ratio` is what gets steered).
-        dev_items: where grid factors are chosen and scales learned.
-        test_items: where every method is reported.
-        methods: a subset of `METHODS` (base is always reported).
-        out: the output folder; `<out>/<task>/` gets results.json and the learned scales.
-        cfg: learned-scaling settings (`random` draws its neurons with `cfg.seed`).
-        run_info: JSON-able description of the inputs (files, limits, ...); part of the run's
-            fingerprint, so a rerun with other inputs is refused instead of mixing results.
-
-    Returns:
-        The results document (also written to results.json): "task", "metric_name", "neurons",
-        "results" {method: {"method", "metric", "n", "settings"}}, ...
-
-    Raises:
-        SteeringProgressError: `<out>/<task>` holds results of a run with other arguments.
-    """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown steering method(s) {unknown}; methods are {', '.join(METHODS)}")
-    task = ranking.task
-    for name, items in (("dev", dev_items), ("test", test_items)):
-        if not items:
-            raise ValueError(f"no {name} items for task {task!r}")
-        if any(item.task != task for item in items):
-            raise ValueError(f"{name} items are not all of task {task!r}")
-    shared = {str(i.image_path) for i in dev_items} & {str(i.image_path) for i in test_items}
-    if shared:
-        raise ValueError(f"dev and test share {len(shared)} image(s) (e.g. {sorted(shared)[0]}): steering is chosen "
-                         f"on dev and reported on test, so they must be disjoint — use separate splits")
-    selection = ranking.select("hones", ratio)
-    random_selection = ranking.select("random", ratio, seed=cfg.seed)
-    out = Path(out)
-    task_dir = out / task
-    results_path = task_dir / RESULTS_FILE
-    arguments = {"model": vlm.name, "revision": vlm.revision, "dtype": str(next(vlm.model.parameters()).dtype),
-                 "task": task, "ratio": ratio, "cfg": asdict(cfg), "grid": list(GRID),
-                 "selection": digest(sorted((l, n) for l, ns in selection.items() for n in ns)),
-                 "dev": [str(i.image_path) for i in dev_items], "test": [str(i.image_path) for i in test_items],
-                 **dict(run_info or {})}
-    key = digest(arguments)
-    if results_path.exists():
-        doc = json.loads(results_path.read_text())
-        if doc.get("fingerprint") != key:
-            raise ProgressMismatchError(
-                f"{task_dir} holds steering results of a run with other arguments ({doc.get('arguments')}); rerun "
-                f"with those arguments to continue, or use another --out (or delete {task_dir}) to start over",
-                path=results_path)
-    else:
-        doc = {"fingerprint": key, "arguments": {k: v for k, v in arguments.items() if k not in ("dev", "test")},
-               "task": task, "metric_name": METRIC_NAMES[task], "ratio": ratio,
-               "neurons": sum(len(v) for v in selection.values()), "n_dev": len(dev_items),
-               "n_test": len(test_items), "results": {}}
-    done = doc["results"]
-
-    def record(method: str, result: dict) -> None:
-        done[method] = result
-        atomic_write(results_path, (json.dumps(doc, indent=1) + "\n").encode())
-
-    if "base" not in done:
-        record("base", _result("base", evaluate(vlm, test_items, batch_size=batch_size, progress=progress), {}))
-    for method in (m for m in METHODS if m in methods and m not in done):
-        if method == "fixed":
-            plan = uniform_plan(selection, FIXED_FACTOR)
-            record(method, _result(method, evaluate(vlm, test_items, plans=plan, batch_size=batch_size,
-                                                    progress=progress), {"factor": FIXED_FACTOR}))
-        elif method == "grid":
-            best, by_factor = grid_search(vlm, dev_items, selection, batch_size=batch_size, progress=progress)
-            plan = uniform_plan(selection, best)
-            record(method, _result(method, evaluate(vlm, test_items, plans=plan, batch_size=batch_size,
-                                                    progress=progress),
-                                   {"factor": best, "dev_metric": {str(f): v for f, v in by_factor.items()}}))
-        else:
-            method_cfg = SteerConfig(**{**asdict(cfg), "beta": 0.0}) if method == "learned-nokl" else cfg
-            chosen = random_selection if method == "random" else selection
-            checkpoint = out / ".progress" / f"{task}-{method}.safetensors"
-            learned = learn_scales(vlm, dev_items, chosen, cfg=method_cfg, checkpoint=checkpoint,
-                                   batch_size=batch_size, progress=progress,
-                                   meta={"method": method, "selection": "random" if method == "random" else "hones",
-                                         "ratio": ratio})
-            file = rankings.write_scales(task_dir / scales_file(method), learned.scales)
-            evaluation = evaluate(vlm, test_items, plans=scales_plan(learned.scales), batch_size=batch_size,
-                                  progress=progress)
-            settings = {**asdict(method_cfg), "neurons": len(learned.scales),
-                        "selection": "random" if method == "random" else "hones", **learned.history,
-                        "scale": _scale_stats(learned.scales.scale, method_cfg.clamp),
-                        "scales_file": file.relative_to(out).as_posix()}
-            record(method, _result(method, evaluation, settings))
-            checkpoint.unlink(missing_ok=True)
-    return doc
-
-
-def results_table(docs: Sequence[Mapping]) -> str:
-    """A markdown table: one row per task, base and each method's test metric (delta to base)."""
-    order = ["base", *METHODS]
-    present = [m for m in order if any(m in d["results"] for d in docs)]
-    names = {"base": "base", "fixed": "Fixed-Amp x2", "grid": "Grid-Search", "learned": "learned",
-             "learned-nokl": "learned w/o KL", "random": "RandNeuron (learned)"}
-    lines = ["| task | metric | n | neurons | " + " | ".join(names[m] for m in present) + " |",
-             "|---|---|---|---|" + "---|" * len(present)]
-    for d in docs:
-        base = d["results"]["base"]["metric"]
-        cells = []
-        for m in present:
-            r = d["results"].get(m)
-            if r is None:
-                cells.append("—")
-            elif m == "base":
-                cells.append(f"{base:.3f}")
-            else:
-                extra = f", x{r['settings']['factor']}" if m == "grid" else ""
-                cells.append(f"{r['metric']:.3f} ({r['metric'] - base:+.3f}{extra})")
-        lines.append(f"| {d['task']} | {d['metric_name']} | {d['n_test']} | {d['neurons']} | " + " | ".join(cells)
-                     + " |")
-    return "\n".join(lines) + "\n"
