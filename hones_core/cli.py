@@ -11,7 +11,8 @@ from . import __version__
 from .tasks import TASKS
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --revision, --device, --dtype, --trust-remote-code (also used by `benchmarks.rank`)."""
     p.add_argument("--model", required=True, help="Hub model id or local directory")
     p.add_argument("--revision", default=None, help="branch, tag or commit of the model repo")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -147,13 +148,11 @@ def cmd_steer(args: argparse.Namespace) -> dict:
     docs = []
     for task in dev:
         ranking = artifact.task(task)
-        doc = run_task(vlm, ranking, dev[task], test[task], methods, args.out, ratio=args.ratio, cfg=cfg,
+        run = run_task(vlm, ranking, dev[task], test[task], methods, args.out, ratio=args.ratio, cfg=cfg,
                        batch_size=args.batch_size, run_info=info)
-        if args.into_rankings and "learned" in doc["results"]:
-            scales = rankings.read_scales(Path(args.out) / doc["results"]["learned"]["settings"]["scales_file"],
-                                          artifact.model)
-            rankings.save_scales(args.rankings, task, scales)
-        docs.append(doc)
+        if args.into_rankings and "learned" in run.doc["results"]:
+            rankings.save_scales(args.rankings, task, run.scales("learned"))
+        docs.append(run.doc)
     Path(args.out, "table.md").write_text(results_table(docs))
     summary = {"out": args.out, "model": vlm.name, "tasks": {
         d["task"]: {"metric_name": d["metric_name"], "n_test": d["n_test"], "neurons": d["neurons"],
@@ -169,35 +168,6 @@ def cmd_push(args: argparse.Namespace) -> None:
         plots.write_card_figures(args.rankings)
     url = rankings.push(args.rankings, args.repo_id, private=args.private, revision=args.revision)
     print(json.dumps({"repo_id": args.repo_id, "commit": url}), flush=True)
-
-
-def cmd_bench_rank(args: argparse.Namespace) -> dict:
-    from .bench import bench_rank
-
-    data_file = args.data
-    if data_file is None:   # a fresh split of the synthetic world
-        from .toy import world
-
-        tmp = Path(args.workdir or "runs/bench-world")
-        world.write_world(tmp, seed=args.seed + 1000, n_discovery=max(args.limit or 32, 32), n_dev=1, n_test=1,
-                          progress=False)
-        data_file = str(tmp / "discovery.json")
-    items = _task_items(args, data_file)[args.task]
-    if args.processes:
-        from .bench import bench_processes
-
-        counts = sorted({int(n) for n in args.processes.split(",")})
-        rank_args = ["--model", args.model, "--data", data_file, "--task", args.task, "--limit", str(len(items)),
-                     "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--n-negatives",
-                     str(args.n_negatives), "--device", "cpu", "--dtype", args.dtype,
-                     *(["--revision", args.revision] if args.revision else []),
-                     *(["--trust-remote-code"] if args.trust_remote_code else [])]
-        result = bench_processes(rank_args, counts, n_items=len(items), workdir=args.processes_workdir)
-        print(json.dumps(result), flush=True)
-        return result
-    result = bench_rank(_load(args), items, batch_size=args.batch_size)
-    print(json.dumps(result), flush=True)
-    return result
 
 
 def cmd_toy_data(args: argparse.Namespace) -> None:
@@ -228,29 +198,51 @@ def cmd_toy_examples(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, "examples": len(entries)}), flush=True)
 
 
-def cmd_bench_app(args: argparse.Namespace) -> dict:
-    from .bench_app import bench_app
+BENCHMARKS = {"bench-rank": "benchmarks.rank", "bench-app": "benchmarks.app"}
 
-    result = bench_app(toy_model=args.model, toy_rankings=args.rankings, repeats=args.repeats,
-                       big_repeats=args.big_repeats, big=not args.no_big)
-    print(json.dumps(result), flush=True)
-    return result
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """`bench-rank` / `bench-app`: `python -m benchmarks.rank` / `benchmarks.app` with the same arguments.
+
+    The benchmarks live in the repository's top-level `benchmarks/` folder, not in the library,
+    so they are imported only here (and are missing from an installed library).
+    """
+    import importlib
+
+    name = BENCHMARKS[args.command]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in ("benchmarks", name):
+            raise          # something the benchmark itself needs is missing: show that
+        raise SystemExit(
+            f"python -m hones_core {args.command}: the benchmark is {name}, in the benchmarks/ folder of the "
+            f"repository, and it cannot be imported here ({err}). Run it from the root of a checkout of the "
+            f"repository: python -m {name} [options]") from None
+    return module.main(args.benchmark_args, prog=f"python -m hones_core {args.command}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `python -m hones_core` parser, one subcommand per `cmd_*` function."""
     parser = argparse.ArgumentParser(prog="python -m hones_core", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hones_core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)    # in this order in --help
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_model_commands(sub) -> None:
+    """evaluate, rank, mask-eval, steer: the commands that run a model on data."""
     p = sub.add_parser("evaluate", help="task metric of a model on a data file")
-    _add_model(p)
+    add_model_arguments(p)
     _add_data(p)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("rank", help="score heads and rank neurons (HONES); writes a rankings artifact")
-    _add_model(p)
+    add_model_arguments(p)
     _add_data(p)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
     p.add_argument("--out", required=True, help="artifact folder (also holds progress; rerun to resume)")
@@ -261,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked")
-    _add_model(p)
+    add_model_arguments(p)
     _add_data(p)
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
@@ -275,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("steer", help="fixed, grid-searched and learned neuron scaling; chosen on dev, "
                                      "reported on test")
-    _add_model(p)
+    add_model_arguments(p)
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
@@ -294,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store the learned scales in the (local) rankings artifact as <task>/scales.safetensors")
     p.set_defaults(func=cmd_steer)
 
+
+def _add_tool_commands(sub) -> None:
+    """push, the benchmark aliases and the toy world's commands."""
     p = sub.add_parser("push", help="upload a rankings artifact to a Hub dataset repo")
     p.add_argument("--rankings", required=True)
     p.add_argument("--repo-id", required=True)
@@ -303,22 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload as is (default: redraw the card's head-heatmap and layer-distribution figures)")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("bench-rank", help="batched head localization vs the one-head-one-item loop")
-    _add_model(p)
-    p.add_argument("--data", default=None, help="data file (default: a fresh synthetic-world split)")
-    p.add_argument("--images", default=None)
-    p.add_argument("--task", default="vqa", choices=list(TASKS))
-    p.add_argument("--limit", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-negatives", type=int, default=9)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workdir", default=None, help="where the generated split goes (default runs/bench-world)")
-    p.add_argument("--processes", default=None,
-                   help="e.g. 1,2: instead, time the whole rank command on the CPU with each number of processes "
-                        "(accelerate launch, gloo) and check that the artifacts agree")
-    p.add_argument("--processes-workdir", default=None,
-                   help="empty folder for those runs' artifacts (default: a temp dir)")
-    p.set_defaults(func=cmd_bench_rank)
+    # the benchmarks parse their own options (benchmarks/rank.py, benchmarks/app.py); main() forwards them
+    p = sub.add_parser("bench-rank", add_help=False,
+                       help="batched head localization vs the one-head-one-item loop (= python -m benchmarks.rank)")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("toy-data", help="generate the synthetic world (images + merged-COCO JSON splits)")
     p.add_argument("--out", required=True)
@@ -350,19 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=3)
     p.set_defaults(func=cmd_toy_examples)
 
-    p = sub.add_parser("bench-app", help="cost of a side-by-side request and of a slider-only change vs one generate")
-    p.add_argument("--model", default=None, help="toy model directory (default: assets/toy-vlm)")
-    p.add_argument("--rankings", default=None,
-                   help="rankings for it (default: assets/rankings/toy-vlm when present, else random scores)")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement on the toy VLM")
-    p.add_argument("--big-repeats", type=int, default=3, help="timed runs per measurement on the 200M LLaVA")
-    p.add_argument("--no-big", action="store_true", help="skip the random ~200M-parameter LLaVA")
-    p.set_defaults(func=cmd_bench_app)
-    return parser
+    p = sub.add_parser("bench-app", add_help=False,
+                       help="cost of a side-by-side request and of a slider-only change vs one generate "
+                            "(= python -m benchmarks.app)")
+    p.set_defaults(func=cmd_benchmark)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in BENCHMARKS:
+        args.benchmark_args = rest      # the benchmark's own parser reads and checks them
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")   # what parse_args says
     ok = False
     try:
         args.func(args)

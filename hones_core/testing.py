@@ -5,6 +5,8 @@ Each builder makes a real transformers model class from a config (hidden size 32
 an image processor built from parameters and a processor with a chat template in the
 family's own style, and saves all of it with `save_pretrained`. Tests then load the
 directory through `hones_core.models.load_vlm`, so the real loading code runs.
+`train_tokenizer`, `make_chat_template` and `text_kwargs` are the building blocks, also
+used for the random ~200M LLaVA of `benchmarks/app.py`.
 
 Nothing here downloads anything.
 """
@@ -33,9 +35,9 @@ def _lit(text: str) -> str:
     return "{{ " + repr(text) + " }}"
 
 
-def _template(user_open: str, assistant_open: str, turn_close: str, generation_prompt: str,
-              image_marker: str) -> str:
-    """A chat template in one family's style: images become `image_marker`, text is copied."""
+def make_chat_template(user_open: str, assistant_open: str, turn_close: str, generation_prompt: str,
+                       image_marker: str) -> str:
+    """A Jinja chat template in one family's style: images become `image_marker`, text is copied."""
     return (
         "{% for message in messages %}"
         "{% if message['role'] == 'user' %}" + _lit(user_open) + "{% else %}" + _lit(assistant_open) + "{% endif %}"
@@ -49,12 +51,16 @@ def _template(user_open: str, assistant_open: str, turn_close: str, generation_p
 
 
 def _qwen_style_template(image_marker: str) -> str:
-    return _template("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n", "<|im_start|>assistant\n",
-                     image_marker)
+    return make_chat_template("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n",
+                              "<|im_start|>assistant\n", image_marker)
 
 
-def _train_tokenizer(specials: list[str], extra: dict[str, str], *, bos: str | None, eos: str,
-                     pad: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def train_tokenizer(specials: list[str], extra: dict[str, str], *, bos: str | None, eos: str,
+                    pad: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a few sentences, with these special tokens.
+
+    `extra` names special tokens the processor looks up (e.g. {"image_token": "<image>"}).
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -68,8 +74,9 @@ def _train_tokenizer(specials: list[str], extra: dict[str, str], *, bos: str | N
     )
 
 
-def _text_kwargs(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 96) -> dict:
+def text_kwargs(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                intermediate: int = 96) -> dict:
+    """Size keyword arguments of a Llama/Qwen2-style text config (tiny by default)."""
     return dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=2048,
@@ -82,22 +89,22 @@ def _build_llava(out: Path, text_family: str) -> None:
                               SiglipImageProcessor, SiglipVisionConfig)
 
     if text_family == "llama":  # LLaVA-1.5: CLIP tower with a CLS token, Llama text model
-        tokenizer = _train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
-                                     bos="<s>", eos="</s>", pad="<pad>")
+        tokenizer = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
+                                    bos="<s>", eos="</s>", pad="<pad>")
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=32, patch_size=8, projection_dim=32)
-        text = LlamaConfig(**_text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+        text = LlamaConfig(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         # LLaVA-1.5 style: "USER: <image>\n{prompt} ASSISTANT: {answer}</s>"
-        extra_tokens, template = 1, _template("USER: ", "ASSISTANT: ", " ", "ASSISTANT:", "<image>\n")
+        extra_tokens, template = 1, make_chat_template("USER: ", "ASSISTANT: ", " ", "ASSISTANT:", "<image>\n")
         select = "default"
     else:  # llava-interleave: SigLIP tower (no CLS token), Qwen2 text model
-        tokenizer = _train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
-                                     {"image_token": "<image>"}, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+        tokenizer = train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+                                    {"image_token": "<image>"}, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     image_size=32, patch_size=8)
-        text = Qwen2Config(**_text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+        text = Qwen2Config(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=tokenizer.eos_token_id)
         image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
         extra_tokens, template = 0, _qwen_style_template("<image>\n")
@@ -116,12 +123,12 @@ def _build_onevision(out: Path) -> None:
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
                               LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
 
-    tokenizer = _train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
-                                 {"image_token": "<image>", "video_token": "<video>"},
-                                 bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                                {"image_token": "<image>", "video_token": "<video>"},
+                                bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=32, patch_size=8)
-    text = Qwen2Config(**_text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+    text = Qwen2Config(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text,
@@ -150,11 +157,11 @@ def _build_qwen_vl(out: Path, version: str) -> None:
     processor_cls = getattr(tf, f"{names[0]}Processor")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = _train_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-                                 bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = train_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                                bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in specials}
     # mrope sections must add up to head_dim / 2 (head_dim 16 here)
-    text = dict(**_text_kwargs(len(tokenizer)), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    text = dict(**text_kwargs(len(tokenizer)), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 bos_token_id=None)
     vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
@@ -181,18 +188,18 @@ def _build_idefics3(out: Path) -> None:
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                 "<image>", "<global-img>", *grid]
-    tokenizer = _train_tokenizer(specials, {"image_token": "<image>"}, bos="<|im_start|>",
-                                 eos="<end_of_utterance>", pad="<|endoftext|>", vocab_size=480)
+    tokenizer = train_tokenizer(specials, {"image_token": "<image>"}, bos="<|im_start|>",
+                                eos="<end_of_utterance>", pad="<|endoftext|>", vocab_size=480)
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=32, patch_size=8)
-    text = LlamaConfig(**_text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+    text = LlamaConfig(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     # (32 / 8)^2 patches, pixel-shuffled by scale 2 -> 4 image tokens per tile
     image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                                              do_image_splitting=True)
-    template = _template("User:", "Assistant: ", "<end_of_utterance>\n", "Assistant:", "<image>")
+    template = make_chat_template("User:", "Assistant: ", "<end_of_utterance>\n", "Assistant:", "<image>")
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
                                   chat_template=template)
     _save(Idefics3ForConditionalGeneration(config), processor, out)

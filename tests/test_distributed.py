@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.rank import launch_command
 from hones_core import distributed, metrics, rankings
-from hones_core.bench import launch_command
 from hones_core.distributed import Shard
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -194,3 +194,20 @@ def test_bad_plans_are_refused_with_the_valid_range(tiny_vlm, images, prompts):
         vlm.next_token_logits(images, prompts, plans=Plan.scale_neurons({0: [96]}, 2.0))
     with pytest.raises(ValueError, match="the batch has 2 rows but 3 per-row plans"):
         vlm.next_token_logits(images, prompts, plans=[None, HEADS, NEURONS])
+
+
+def test_plan_builders_write_the_edits_by_hand():
+    """Every plan builder lives in interventions: one factor, per-neuron multipliers, learned scales."""
+    assert Plan.scale_neurons({3: [5, 1], 0: [2], 7: []}, 0.5).neurons == (
+        NeuronScale(0, (2,), 0.5), NeuronScale(3, (5, 1), 0.5))          # sorted layers, empty layers dropped
+    # stored scales' {layer: (neurons, 1 + s)}, times the slider's factor
+    plan = Plan.multiply_neurons({2: ([4, 9], [1.5, 0.25]), 0: ([1], [2.0])}, 2.0)
+    assert plan.neurons == (NeuronScale(0, (1,), (4.0,)), NeuronScale(2, (4, 9), (3.0, 0.5)))
+    assert Plan.multiply_neurons({1: ([3], [1.25])}).neurons[0].multipliers().tolist() == [1.25]
+    # learned: one LearnedScale per layer run, views of the one trained tensor
+    scale = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    learned = Plan.learned(torch.tensor([0, 0, 2]), torch.tensor([5, 7, 1]), scale)
+    assert [(e.layer, e.neurons) for e in learned.neurons] == [(0, (5, 7)), (2, (1,))]
+    assert torch.allclose(learned.neurons[0].multipliers(), torch.tensor([1.1, 0.8]))
+    learned.neurons[1].multipliers().sum().backward()
+    assert scale.grad.tolist() == [0.0, 0.0, 1.0]

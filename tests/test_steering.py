@@ -11,10 +11,13 @@ import torch
 from PIL import Image
 
 import hones_core.steering as steering
+import hones_core.steering.learn as steering_learn
+import hones_core.steering.run as steering_run
 from hones_core import cli, rankings
-from hones_core.rankings import ModelInfo, Rankings, TaskRanking
+from hones_core.interventions import Plan
+from hones_core.rankings import ModelInfo, Rankings, Scales, TaskRanking
 from hones_core.steering import (SteerConfig, SteeringProgressError, encode_examples, example_loss, learn_scales,
-                                 learned_plan, scales_plan, training_examples)
+                                 neuron_layout, training_examples)
 from hones_core.tasks import TaskItem, retrieval_prompt, vqa_prompt
 
 COLOURS = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (200, 200, 10), (10, 200, 200), (200, 10, 200)]
@@ -84,14 +87,14 @@ def test_retrieval_trains_on_yes_for_the_caption_and_no_for_a_negative(tmp_path)
 def test_kl_is_zero_at_init_and_the_loss_terms_add_up(tiny_vlm, tmp_path):
     vlm = tiny_vlm("llava")
     encoded = encode_examples(vlm, training_examples(vqa_items(tmp_path, 1)))
-    layers, neurons = steering._layout(SELECTION)
+    layers, neurons = neuron_layout(SELECTION)
     zero = torch.zeros(len(layers), requires_grad=True)
-    loss, parts = example_loss(vlm, encoded, learned_plan(layers, neurons, zero), zero, SteerConfig())
+    loss, parts = example_loss(vlm, encoded, Plan.learned(layers, neurons, zero), zero, SteerConfig())
     assert parts["kl"] == pytest.approx(0.0, abs=1e-7)       # s = 0: the student is the teacher
     assert float(loss.detach()) == pytest.approx(parts["ce"], rel=1e-6)
     s = torch.full((len(layers),), 0.8, requires_grad=True)
     cfg = SteerConfig(beta=0.5, lam=0.1)
-    loss, parts = example_loss(vlm, encoded, learned_plan(layers, neurons, s), s, cfg)
+    loss, parts = example_loss(vlm, encoded, Plan.learned(layers, neurons, s), s, cfg)
     assert parts["kl"] > 0
     assert float(loss.detach()) == pytest.approx(parts["ce"] + 0.5 * parts["kl"] + 0.1 * 0.64, rel=1e-5)
 
@@ -116,11 +119,11 @@ def test_only_the_scales_learn_they_move_and_dev_loss_goes_down(tiny_vlm, tmp_pa
     # learned != base on an example, and the stored scales reproduce the learned plan
     images, prompts = [items[0].load_image()], [items[0].prompt]
     base = vlm.next_token_logits(images, prompts)
-    steered = vlm.next_token_logits(images, prompts, plans=scales_plan(result.scales))
+    steered = vlm.next_token_logits(images, prompts, plans=Plan.multiply_neurons(result.scales.multipliers()))
     assert not torch.allclose(base, steered)
-    layers, neurons = steering._layout(wide)
+    layers, neurons = neuron_layout(wide)
     torch.testing.assert_close(steered, vlm.next_token_logits(images, prompts,
-                                                              plans=learned_plan(layers, neurons, s)))
+                                                              plans=Plan.learned(layers, neurons, s)))
 
 
 def test_paper_settings_take_real_steps(tiny_vlm, tmp_path):
@@ -140,17 +143,17 @@ def test_a_killed_run_resumes_at_the_epoch_boundary(tiny_vlm, tmp_path, monkeypa
     class Killed(Exception):
         pass
 
-    original = steering._save_checkpoint
+    original = steering_learn._save_checkpoint
 
     def dying(path, key, epoch, *args):
         original(path, key, epoch, *args)
         if epoch == 1:
             raise Killed()
-    monkeypatch.setattr(steering, "_save_checkpoint", dying)
+    monkeypatch.setattr(steering_learn, "_save_checkpoint", dying)
     checkpoint = tmp_path / "ckpt.safetensors"
     with pytest.raises(Killed):
         learn_scales(vlm, items, SELECTION, cfg=FAST, checkpoint=checkpoint, progress=False)
-    monkeypatch.setattr(steering, "_save_checkpoint", original)
+    monkeypatch.setattr(steering_learn, "_save_checkpoint", original)
     with pytest.raises(SteeringProgressError, match="other settings"):
         learn_scales(vlm, items, SELECTION, cfg=SteerConfig(lr=0.01, epochs=3), checkpoint=checkpoint, progress=False)
     resumed = learn_scales(vlm, items, SELECTION, cfg=FAST, checkpoint=checkpoint, progress=False)
@@ -189,7 +192,15 @@ def write_split(folder: Path, name: str, start: int, n: int) -> Path:
     return path
 
 
+def same_scales(a: Scales, b: Scales) -> bool:
+    return (torch.equal(a.scale, b.scale) and torch.equal(a.layers, b.layers) and torch.equal(a.neurons, b.neurons)
+            and a.meta == b.meta)
+
+
 def test_cli_steer_end_to_end_resumes_and_fills_the_artifact(tiny_dir, tiny_vlm, tmp_path, capsys, monkeypatch):
+    runs: list[steering.TaskRun] = []     # what run_task returned to the CLI
+    real_run_task = steering.run_task
+    monkeypatch.setattr(steering, "run_task", lambda *a, **k: runs.append(real_run_task(*a, **k)) or runs[-1])
     model_dir = tiny_dir("llava")
     vlm = tiny_vlm("llava")
     art = tmp_path / "art"
@@ -226,14 +237,27 @@ def test_cli_steer_end_to_end_resumes_and_fills_the_artifact(tiny_dir, tiny_vlm,
     from_out = rankings.read_scales(out / "vqa" / "scales.safetensors", rankings.load(art).model)
     assert torch.equal(in_artifact.scale, from_out.scale) and in_artifact.as_selection() == \
         tiny_ranking(vlm).select("hones", 0.03)
+    # run_task returned the scales it trained: the very values written to <out> and put into the artifact
+    (run,) = runs
+    assert run.doc == doc and set(run.trained) == set(steering.LEARNED)
+    model = rankings.load(art).model
+    for method in steering.LEARNED:
+        written = rankings.read_scales(out / doc["results"][method]["settings"]["scales_file"], model)
+        assert same_scales(run.trained[method], written)
+    assert run.scales("learned") is run.trained["learned"] and same_scales(run.trained["learned"], in_artifact)
 
     # rerunning the finished command recomputes nothing and prints the same summary
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a finished method")
-    monkeypatch.setattr(steering, "learn_scales", fail)
-    monkeypatch.setattr(steering, "evaluate", fail)
+    monkeypatch.setattr(steering_run, "learn_scales", fail)
+    monkeypatch.setattr(steering_run, "evaluate", fail)
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tasks"]["vqa"] == summary
+    # nothing trained this time: the scales come from the first run's files, unchanged
+    assert runs[1].trained == {} and same_scales(runs[1].scales("learned"), runs[0].trained["learned"])
+    assert same_scales(rankings.load(art).task("vqa").scales, runs[0].trained["learned"])
+    with pytest.raises(ValueError, match="learns no scales"):
+        runs[1].scales("fixed")
     with pytest.raises(SteeringProgressError, match="other arguments"):
         cli.main([*argv[:-5], "--ratio", "0.05"])
 

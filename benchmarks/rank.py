@@ -1,7 +1,17 @@
-"""Benchmarks quoted in the README: each prints one JSON line with ratios from one run."""
+"""Speed of head localization, quoted in the README; prints one JSON line with the ratios of one run.
+
+    python -m benchmarks.rank --model assets/toy-vlm --task vqa --limit 32
+    python -m benchmarks.rank --model assets/toy-vlm --processes 1,2     # the whole rank command per process count
+
+(`python -m hones_core bench-rank ...` is the same command.) By default it times the
+one-head-one-item loop against batched per-row plans for both utilities on a fresh split of
+the synthetic world; with `--processes` it times whole `rank` runs with each number of
+processes on the CPU and checks that their artifacts agree.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -14,9 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .localization import score_heads, score_heads_reference
-from .models import VLM
-from .tasks import TaskItem
+from hones_core import rankings
+from hones_core.cli import add_model_arguments
+from hones_core.data import read_records
+from hones_core.localization import score_heads, score_heads_reference
+from hones_core.models import VLM, load_vlm
+from hones_core.tasks import TASKS, TaskItem, items_for_task
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,8 +94,6 @@ def bench_processes(rank_args: Sequence[str], processes: Sequence[int], *, n_ite
     setting `accelerate launch` gives each of several processes (OMP_NUM_THREADS=1), so the
     per-process scaling can be read apart from the threading.
     """
-    from . import rankings
-
     root = Path(workdir or tempfile.mkdtemp(prefix="bench-processes-"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     configs = [(str(n), n, None) for n in processes]
@@ -113,3 +124,65 @@ def bench_processes(rank_args: Sequence[str], processes: Sequence[int], *, n_ite
     return {"items": n_items, "cores": os.cpu_count(), "default_threads": torch.get_num_threads(),
             "note": "several processes: accelerate launch sets OMP_NUM_THREADS=1 per process",
             "runs": runs, "outputs": str(root)}
+
+
+def _items(args: argparse.Namespace) -> tuple[str, list[TaskItem]]:
+    """The data file (a fresh synthetic-world split unless --data) and its items of --task."""
+    data_file = args.data
+    if data_file is None:
+        from hones_core.toy import world
+
+        tmp = Path(args.workdir or "runs/bench-world")
+        world.write_world(tmp, seed=args.seed + 1000, n_discovery=max(args.limit or 32, 32), n_dev=1, n_test=1,
+                          progress=False)
+        data_file = str(tmp / "discovery.json")
+    records = read_records(data_file, args.images)
+    return data_file, items_for_task(args.task, records, n_negatives=args.n_negatives, seed=args.seed,
+                                     limit=args.limit)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The benchmark `args` ask for (`bench_processes` with --processes, else `bench_rank`)."""
+    data_file, items = _items(args)
+    if args.processes:
+        counts = sorted({int(n) for n in args.processes.split(",")})
+        rank_args = ["--model", args.model, "--data", data_file, "--task", args.task, "--limit", str(len(items)),
+                     "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--n-negatives",
+                     str(args.n_negatives), "--device", "cpu", "--dtype", args.dtype,
+                     *(["--revision", args.revision] if args.revision else []),
+                     *(["--trust-remote-code"] if args.trust_remote_code else [])]
+        return bench_processes(rank_args, counts, n_items=len(items), workdir=args.processes_workdir)
+    vlm = load_vlm(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                   trust_remote_code=args.trust_remote_code)
+    return bench_rank(vlm, items, batch_size=args.batch_size)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or "python -m benchmarks.rank",
+                                description="batched head localization vs the one-head-one-item loop")
+    add_model_arguments(p)
+    p.add_argument("--data", default=None, help="data file (default: a fresh synthetic-world split)")
+    p.add_argument("--images", default=None)
+    p.add_argument("--task", default="vqa", choices=list(TASKS))
+    p.add_argument("--limit", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-negatives", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workdir", default=None, help="where the generated split goes (default runs/bench-world)")
+    p.add_argument("--processes", default=None,
+                   help="e.g. 1,2: instead, time the whole rank command on the CPU with each number of processes "
+                        "(accelerate launch, gloo) and check that the artifacts agree")
+    p.add_argument("--processes-workdir", default=None,
+                   help="empty folder for those runs' artifacts (default: a temp dir)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse `argv`, run, print the result as one JSON line."""
+    args = build_parser(prog).parse_args(argv)
+    print(json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

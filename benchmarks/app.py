@@ -1,4 +1,7 @@
-"""`python -m hones_core bench-app`: what a side-by-side request costs, relative to one plain generate.
+"""What a side-by-side request of the app costs, relative to one plain generate.
+
+    python -m benchmarks.app                      # or: python -m hones_core bench-app
+    python -m benchmarks.app --repeats 3 --no-big
 
 For each model (the toy VLM, and a random ~200M-parameter LLaVA built from a config) the
 same input is timed three ways, each the median of `repeats` round-robin runs after a warm-up:
@@ -17,17 +20,23 @@ its time is reported separately for the toy VLM.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import rankings as rankings_lib
-from .demo import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS, DemoService, read_examples
-from .models import VLM, load_vlm
-from .rankings import ModelInfo, Rankings, TaskRanking
+from hones_core import rankings as rankings_lib
+from hones_core.assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS
+from hones_core.demo import DemoService, read_examples
+from hones_core.models import VLM, load_vlm
+from hones_core.rankings import ModelInfo, Rankings, TaskRanking
+from hones_core.testing import make_chat_template, text_kwargs, train_tokenizer
 
 
 def _interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
@@ -61,15 +70,12 @@ def build_llava_200m(seed: int = 0) -> VLM:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from .testing import _template, _train_tokenizer
-
     torch.manual_seed(seed)
-    tokenizer = _train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
-                                 bos="<s>", eos="</s>", pad="<pad>")
+    tokenizer = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"},
+                                bos="<s>", eos="</s>", pad="<pad>")
     vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
                               image_size=224, patch_size=16, projection_dim=768)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
-                       num_key_value_heads=16, intermediate_size=2816, max_position_embeddings=2048,
+    text = LlamaConfig(**text_kwargs(len(tokenizer), hidden=1024, layers=12, heads=16, kv_heads=16, intermediate=2816),
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
@@ -79,7 +85,8 @@ def build_llava_200m(seed: int = 0) -> VLM:
                                                                   crop_size={"height": 224, "width": 224}),
                                tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1,
-                               chat_template=_template("USER: ", "ASSISTANT: ", " ", "ASSISTANT:", "<image>\n"))
+                               chat_template=make_chat_template("USER: ", "ASSISTANT: ", " ", "ASSISTANT:",
+                                                                "<image>\n"))
     model = LlavaForConditionalGeneration(config).eval()
     return VLM(model, processor, name="random-llava-200m")
 
@@ -142,4 +149,29 @@ def bench_app(*, toy_model: str | None = None, toy_rankings: str | None = None, 
     return out
 
 
-__all__ = ["bench_app", "bench_service", "build_llava_200m", "random_rankings"]
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m benchmarks.app",
+        description="cost of a side-by-side request and of a slider-only change vs one generate")
+    p.add_argument("--model", default=None, help="toy model directory (default: assets/toy-vlm)")
+    p.add_argument("--rankings", default=None,
+                   help="rankings for it (default: assets/rankings/toy-vlm when present, else random scores)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement on the toy VLM")
+    p.add_argument("--big-repeats", type=int, default=3, help="timed runs per measurement on the 200M LLaVA")
+    p.add_argument("--no-big", action="store_true", help="skip the random ~200M-parameter LLaVA")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse `argv`, run `bench_app`, print its result as one JSON line."""
+    args = build_parser(prog).parse_args(argv)
+    result = bench_app(toy_model=args.model, toy_rankings=args.rankings, repeats=args.repeats,
+                       big_repeats=args.big_repeats, big=not args.no_big)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+__all__ = ["bench_app", "bench_service", "build_llava_200m", "random_rankings", "build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

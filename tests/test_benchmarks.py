@@ -1,0 +1,87 @@
+"""The benchmarks outside the library: their entry points, the CLI aliases, and the library not importing them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks.app
+import benchmarks.rank
+from hones_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_does_not_import_benchmarks():
+    code = ("import sys, hones_core, hones_core.cli, hones_core.steering, hones_core.testing; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'benchmarks'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command, module, call", [("bench-rank", benchmarks.rank, "run"),
+                                                   ("bench-app", benchmarks.app, "bench_app")])
+def test_the_cli_alias_forwards_every_argument(command, module, call, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(module, call, lambda *args, **kwargs: seen.append((args, kwargs)) or {"ok": 1})
+    argv = ["--model", "m", "--limit", "4"] if command == "bench-rank" else ["--repeats", "1", "--no-big"]
+    assert cli.main([command, *argv]) == 0
+    assert capsys.readouterr().out == '{"ok": 1}\n'        # one JSON line, as `python -m benchmarks.<name>` prints
+    assert module.main(argv) == 0 and capsys.readouterr().out == '{"ok": 1}\n'
+    first, second = seen
+    assert first == second
+    if command == "bench-rank":
+        args = first[0][0]
+        assert (args.model, args.limit, args.task, args.batch_size, args.processes) == ("m", 4, "vqa", 64, None)
+    else:
+        assert first[1] == {"toy_model": None, "toy_rankings": None, "repeats": 1, "big_repeats": 3, "big": False}
+
+
+def test_the_alias_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench-rank", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m hones_core bench-rank") and "--processes-workdir" in text
+    with pytest.raises(SystemExit) as exit_info:     # the benchmark's parser checks its options
+        cli.main(["bench-app", "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--model", "m", "--data", "d", "--task", "vqa", "--bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m hones_core") and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("command, module", sorted(cli.BENCHMARKS.items()))
+def test_without_the_benchmarks_folder_the_alias_says_so(command, module, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks", None)     # import benchmarks -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, module)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    message = str(exit_info.value.code)
+    assert "benchmarks/ folder of the repository" in message and f"python -m {module}" in message
+
+
+def test_spearman():
+    x = torch.tensor([0.1, 0.4, 0.2, 0.9])
+    assert benchmarks.rank.spearman(x, 2 * x + 1) == pytest.approx(1.0)
+    assert benchmarks.rank.spearman(x, -x) == pytest.approx(-1.0)
+    assert benchmarks.rank.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == \
+        pytest.approx(0.8660254, rel=1e-6)    # tied ranks averaged: (0.5, 0.5, 2) vs (0, 1, 2)
+    assert benchmarks.rank.spearman(torch.ones(3), torch.arange(3.0)) == 0.0
+
+
+def test_one_process_is_a_plain_python_run():
+    assert benchmarks.rank.launch_command(1, ["rank", "--out", "x"]) == [sys.executable, "-m", "hones_core", "rank",
+                                                                       "--out", "x"]
+    two = benchmarks.rank.launch_command(2, ["rank"])
+    assert two[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and two[-3:] == ["-m", "hones_core", "rank"]
