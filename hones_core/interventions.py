@@ -3,6 +3,9 @@
 An intervention is data: a frozen `Plan` says which (layer, head) pairs to mean-replace and
 which neurons to scale by which factor (0 masks). `intervene(arch, plans)` applies one plan
 to the whole batch or one plan per batch row, for everything run inside the `with` block.
+Every plan is built here: `Plan.ablate_heads`, `Plan.scale_neurons` (one factor),
+`Plan.multiply_neurons` (a multiplier per neuron, e.g. stored scales 1 + s) and
+`Plan.learned` (trainable scales for `steering`).
 
 How it stays correct under concurrency (`hooks.HookRegistry`): the forward pre-hooks on
 `o_proj` and `down_proj` are installed once per model while at least one `intervene` block
