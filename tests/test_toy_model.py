@@ -9,7 +9,7 @@ from hones_core.data import read_records
 from hones_core.evaluation import evaluate
 from hones_core.models import load_vlm
 from hones_core.tasks import items_for_task
-from hones_core.toy import world
+from hones_core.toy import annotate, world
 from hones_core.toy.model import ToyConfig, build_tokenizer
 from hones_core.toy.train import TrainConfig, train
 
@@ -52,7 +52,7 @@ def test_answers_mean_something(toy_vlm, fresh_split):
 
 
 def test_tokenizer_round_trips_world_text():
-    tok = build_tokenizer(world.vocabulary())
+    tok = build_tokenizer(annotate.vocabulary())
     text = "two shapes: a cyan square and a purple circle, with the word fish."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
@@ -82,15 +82,15 @@ def test_training_examples_ask_fresh_questions_about_the_recorded_scene(tmp_path
     records = read_records(tmp_path / "w" / "train.json")
     scenes = _scenes(tmp_path / "w" / "train.json")
     tiny = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
-    vlm = VLM(*build_toy_vlm(world.vocabulary(), config=tiny), name="tiny")
+    vlm = VLM(*build_toy_vlm(annotate.vocabulary(), config=tiny), name="tiny")
     encoder = Encoder(vlm, load_image(records[0].image_path))
     index = {r.index: i for i, r in enumerate(records)}
 
     def possible(scene):
         """Every (question, answer) the world can ask about `scene`, lowercased like the tokenizer."""
         out = set()
-        for qtype, target in world._vqa_options(scene):
-            for template in world.VQA_TEMPLATES[qtype]:
+        for qtype, target in annotate._vqa_options(scene):
+            for template in annotate.VQA_TEMPLATES[qtype]:
                 if qtype == "count":
                     out.add((template.lower(), str(len(scene.objects))))
                 else:

@@ -1,4 +1,4 @@
-"""The synthetic world: determinism, file format, correct answers, shifts, vocabulary."""
+"""The synthetic world's splits: determinism, file format, disjoint splits, the CLI."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hones_core.toy import world
+from hones_core.toy import annotate, scenes, world
+from hones_core.toy.annotate import VQA_TEMPLATES
+from hones_core.toy.scenes import DEFAULT_IMAGE_SIZE, OCR_WORDS, generate_scene
+from hones_core.toy.world import write_world
 
-SIZE = world.DEFAULT_IMAGE_SIZE
-from hones_core.toy.world import (COLORS, HELDOUT_COMBOS, OCR_WORDS, POSITION_CELLS, POSITIONS,
-                                  SHAPES, SHIFTS, SIZES, annotate, generate_scene, render,
-                                  tokenize, vocabulary, write_world)
+SIZE = DEFAULT_IMAGE_SIZE
 
 COUNTS = dict(n_discovery=12, n_dev=8, n_test=10, n_train=6)
 
@@ -38,11 +38,6 @@ def world_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     _write(root)
     return root
-
-
-def _scenes(n: int, shift: str = "none", seed: int = 0) -> list[world.Scene]:
-    rng = random.Random(seed)
-    return [generate_scene(rng, shift=shift) for _ in range(n)]
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path, world_dir):
@@ -71,7 +66,7 @@ def test_records_follow_merged_coco_format(world_dir):
             assert len({c["caption_id"] for c in rec["captions"]}) == 5
             vqa = rec["vqa"]
             assert len(vqa["all_answers"]) == 10 and vqa["answer"] in vqa["all_answers"]
-            assert vqa["question_type"] in world.VQA_TEMPLATES
+            assert vqa["question_type"] in VQA_TEMPLATES
             assert vqa["answer_type"] == ("number" if vqa["question_type"] == "count" else "other")
             assert ("ocr" in rec) == (rec["scene"]["word"] is not None)
 
@@ -107,142 +102,11 @@ def test_train_json_only_when_requested(tmp_path):
     assert not (tmp_path / "train.json").exists()
 
 
-def test_scenes_are_well_formed():
-    for scene in _scenes(200):
-        objs = scene.objects
-        assert 1 <= len(objs) <= 3
-        assert len({(o.color, o.shape) for o in objs}) == len(objs)
-        assert len({o.position for o in objs}) == len(objs)
-        boxes = [o.box for o in objs] + ([scene.word_box] if scene.word_box else [])
-        for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
-                assert world._overlaps(a, b, 0) is False
-        for o in objs:
-            assert o.color in COLORS and o.shape in SHAPES and o.size in SIZES
-            # Position rule: the whole box lies inside the named cell of the 3x3 grid.
-            col, row = POSITION_CELLS[o.position]
-            x, y, w, h = o.box
-            cell = SIZE / 3
-            assert col * cell <= x and x + w <= (col + 1) * cell
-            assert row * cell <= y and y + h <= (row + 1) * cell
-
-
-def test_shapes_are_centred_and_word_boxes_sit_on_the_token_grid():
-    """The alignment rule the toy VLM's reading and shape recognition rely on (see world.py)."""
-    grid = SIZE // 3
-    corners = set()
-    for scene in _scenes(300):
-        for o in scene.objects:
-            col, row = POSITION_CELLS[o.position]
-            x, y, w, h = o.box
-            assert abs(x + w / 2 - (col + 0.5) * grid) <= 1 and abs(y + h / 2 - (row + 0.5) * grid) <= 1
-        if scene.word_box is not None:
-            x, y, w, h = scene.word_box
-            assert x % grid == 0 and y % grid == 0 and x + w <= SIZE and y + h <= SIZE
-            corners.add((x, y))
-    assert len(corners) >= 5   # the box still moves around
-
-
-def test_scene_from_record_gives_back_what_annotate_described():
-    rng = random.Random(3)
-    for i, scene in enumerate(_scenes(40, seed=4)):
-        record = json.loads(json.dumps(annotate(scene, rng, image_id=i, file_name=f"{i}.png")))
-        again = world.scene_from_record(record)
-        assert again.objects == scene.objects and again.word == scene.word and again.word_box == scene.word_box
-        assert world.captions(again) == [c["caption"] for c in record["captions"]]
-    with pytest.raises(KeyError, match="no 'scene' key"):
-        world.scene_from_record({"image_id": 7, "image_info": {"file_name": "x.png"}})
-
-
-def test_vqa_answers_match_the_scene():
-    rng = random.Random(7)
-    seen = set()
-    for scene in _scenes(300):
-        vqa = annotate(scene, rng, image_id=0, file_name="x.png")["vqa"]
-        q, a, qtype = vqa["question"].lower(), vqa["answer"], vqa["question_type"]
-        seen.add(qtype)
-        objs = scene.objects
-        if qtype == "count":
-            assert a == str(len(objs))
-            assert sorted(set(vqa["all_answers"])) == sorted({a, world.NUMBER_WORDS[len(objs)]})
-        elif qtype == "color":
-            shape = next(s for s in SHAPES if s in q)
-            matches = [o for o in objs if o.shape == shape]
-            assert len(matches) == 1 and matches[0].color == a
-        elif qtype == "shape":
-            color = next(c for c in COLORS if c in q)
-            matches = [o for o in objs if o.color == color]
-            assert len(matches) == 1 and matches[0].shape == a
-        else:
-            match = [o for o in objs if f"{o.color} {o.shape}" in q]
-            assert len(match) == 1 and match[0].position == a and a in POSITIONS
-    assert seen == {"count", "color", "shape", "position"}
-
-
-def test_captions_describe_the_scene():
-    for scene in _scenes(100):
-        caps = world.captions(scene)
-        assert len(caps) == 5
-        for cap in caps:
-            assert cap == cap.lower() and cap.endswith(".")
-            assert len([t for t in tokenize(cap) if t.isalnum()]) <= 20
-            for o in scene.objects:
-                assert f"{o.color} {o.shape}" in cap
-            assert (scene.word is not None) == any(w in tokenize(cap) for w in OCR_WORDS)
-
-
-def test_shift_none_never_uses_heldout_combos_and_combos_always_does():
-    for scene in _scenes(300, "none"):
-        assert not any((o.color, o.shape) in HELDOUT_COMBOS for o in scene.objects)
-    rng = random.Random(3)
-    for scene in _scenes(100, "combos"):
-        assert any((o.color, o.shape) in HELDOUT_COMBOS for o in scene.objects)
-        vqa = annotate(scene, rng, image_id=0, file_name="x.png")["vqa"]
-        q = vqa["question"].lower()
-        assert vqa["question_type"] != "count"
-        targeted = [o for o in scene.objects if (o.color, o.shape) in HELDOUT_COMBOS
-                    and (o.color in q or o.shape in q)]
-        assert targeted
-
-
-def test_clutter_and_small_text_shifts():
-    for scene in _scenes(30, "clutter"):
-        assert len(scene.objects) == 3 and len(scene.distractors) >= 1
-    small = [s for s in _scenes(30, "small-text") if s.word is not None]
-    normal = [s for s in _scenes(30) if s.word is not None]
-    assert small and {s.font_size for s in small} == {world.font_size_for(SIZE, "small-text")} == {8}
-    assert normal and {s.font_size for s in normal} == {world.font_size_for(SIZE)} == {13}
-    assert max(s.word_box[3] for s in small) < min(s.word_box[3] for s in normal)
-    # Rendering a cluttered scene puts grey marks on the canvas.
-    image = render(_scenes(1, "clutter")[0])
-    colors = [rgb for _, rgb in image.getcolors(maxcolors=SIZE * SIZE)]
-    assert any(r == g == b and r not in (0, 64, 255) for r, g, b in colors)
-
-
 def test_unknown_shift_and_tiny_image_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="combos"):
         write_world(tmp_path, seed=0, n_discovery=1, n_dev=1, n_test=1, shift="blur")
     with pytest.raises(ValueError, match="image_size"):
         generate_scene(random.Random(0), image_size=32)
-
-
-def test_every_generated_token_is_in_the_vocabulary(tmp_path):
-    vocab = set(vocabulary())
-    assert vocabulary() == sorted(vocab) and all(w == w.lower() and w.isalnum() for w in vocab)
-    assert {"1", "2", "3", "one", "two", "three"} <= vocab
-    template_words = vocab - set(OCR_WORDS)
-    assert not set(OCR_WORDS) & template_words
-    assert all(3 <= len(w) <= 6 and w.isalpha() for w in OCR_WORDS) and len(OCR_WORDS) >= 32
-    for shift in SHIFTS:
-        for _, rec in world.generate_split(40, seed=0, split="dev", shift=shift):
-            texts = [rec["vqa"]["question"], *rec["vqa"]["all_answers"],
-                     *(c["caption"] for c in rec["captions"])]
-            texts += [rec["ocr"]["text"]] if "ocr" in rec else []
-            for text in texts:
-                for token in tokenize(text):
-                    assert token in vocab or token in "?.,:", (token, text)
-                # Nothing outside [a-z0-9] words and ?.,: may hide in the text.
-                assert "".join(tokenize(text)) == "".join(text.lower().split())
 
 
 def test_cli_prints_one_json_summary(tmp_path, capsys):
@@ -251,3 +115,17 @@ def test_cli_prints_one_json_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip())
     assert summary["shift"] == "clutter" and summary["splits"]["test"]["n"] == 1
     assert json.loads((tmp_path / "dev.json").read_text())["meta"]["shift"] == "clutter"
+
+
+# Every public name of the single world.py that scenes.py and annotate.py were split out of.
+OLD_NAMES = ("BACKGROUND BOX_FILL BOX_OUTLINE COLORS DEFAULT_IMAGE_SIZE Distractor GENERATOR HELDOUT_COMBOS "
+             "NUMBER_WORDS OCR_WORDS POSITIONS POSITION_CELLS SHAPES SHIFTS SIZES SPLITS Scene SceneObject "
+             "TEXT_COLOR VQA_TEMPLATES annotate captions font_size_for generate_scene generate_split iter_split "
+             "load_font main make_vqa render scene_from_record split_rng tokenize vocabulary write_world").split()
+
+
+def test_world_still_offers_every_name_it_had_before_the_split():
+    assert set(world.__all__) == set(OLD_NAMES)
+    for name in OLD_NAMES:
+        home = next((m for m in (scenes, annotate) if name in m.__all__), world)
+        assert getattr(world, name) is getattr(home, name), name

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from .. import data, tasks
 from ..models import VLM, load_image
-from . import world
+from .annotate import make_vqa, scene_from_record, vocabulary
 from .model import ToyConfig, build_toy_vlm, save
+from .scenes import Scene
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Encoder:
 
 def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *, seed: int,
               n_negatives: int, caption_fraction: float = 1.0, ocr_repeats: int = 1,
-              scenes: list[world.Scene] | None = None, vqa_per_image: int = 1) -> list[Example]:
+              scenes: list[Scene] | None = None, vqa_per_image: int = 1) -> list[Example]:
     rng = random.Random(seed)
     out: list[Example] = []
 
@@ -106,7 +107,7 @@ def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *
     for record in records:
         if scenes is not None:
             for _ in range(vqa_per_image):
-                vqa = world.make_vqa(scenes[record.index], rng, question_id=0)
+                vqa = make_vqa(scenes[record.index], rng, question_id=0)
                 add(record, "vqa", tasks.vqa_prompt(vqa["question"]), vqa["answer"])
         elif record.question:
             add(record, "vqa", tasks.vqa_prompt(record.question), record.answer)
@@ -127,13 +128,13 @@ def _examples(records: list[data.Record], encoder: Encoder, image_index: dict, *
     return out
 
 
-def _scenes(data_file: Path) -> list[world.Scene] | None:
+def _scenes(data_file: Path) -> list[Scene] | None:
     """The scenes a toy-world split recorded, one per record; None for other data (VQA then
     uses each record's own question)."""
     if data_file.suffix != ".json":
         return None
     raw = json.loads(data_file.read_text())["data"]
-    return [world.scene_from_record(r) for r in raw] if all("scene" in r for r in raw) else None
+    return [scene_from_record(r) for r in raw] if all("scene" in r for r in raw) else None
 
 
 def _collate(batch: list[Example], pixels: torch.Tensor, pad_id: int) -> dict:
@@ -186,7 +187,7 @@ def train(data_file: str | Path, out: str | Path, *, images_dir: str | Path | No
     torch.set_num_threads(cfg.threads)
     records = data.read_records(data_file, images_dir)
     scenes = _scenes(Path(data_file))
-    words = set(world.vocabulary())
+    words = set(vocabulary())
     model, processor = build_toy_vlm(words, config=model_config, seed=cfg.seed)
     vlm = VLM(model, processor, name="toy-vlm")
     encoder = Encoder(vlm, load_image(records[0].image_path))
