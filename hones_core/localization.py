@@ -53,7 +53,12 @@ class HeadScores:
 
 
 def default_top_heads(num_layers: int, num_heads: int) -> int:
-    """K_h: 3 % of all heads (30 of LLaVA-1.5-7B's 1024, as in the paper), at least 4."""
+    """K_h when none is given: round(3 % of all heads), at least 4.
+
+    LLaVA-1.5-7B has 32 x 32 = 1 024 heads, so the rule gives round(30.72) = 31; the paper's
+    configs set K_h explicitly (30 for LLaVA-1.5-7B, 25 for Qwen2.5-VL-7B). The rule is for
+    other models; pass `top_heads` to use the paper's value.
+    """
     return max(4, round(0.03 * num_layers * num_heads))
 
 

@@ -28,13 +28,17 @@ def budget(ratio: float, total: int) -> int:
     return max(1, round(ratio * total))
 
 
-def top_flat(scores: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def top_flat(scores: torch.Tensor, ratio: float, *, positive_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices and scores of the global top `ratio` of a `[layers, intermediate]` matrix.
 
-    Best first; ties broken by the lower flat index (a stable sort).
+    Best first; ties broken by the lower flat index (a stable sort). With `positive_only`,
+    only scores > 0 are taken, so a budget larger than the number of positive scores gives
+    fewer neurons instead of filling up with zeros in index order (layer 0 first).
     """
     flat = scores.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices[:budget(ratio, flat.numel())]
+    if positive_only:
+        order = order[flat[order] > 0]
     return order, flat[order]
 
 

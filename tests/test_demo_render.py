@@ -43,9 +43,17 @@ def test_diff_words_marks_only_the_differences():
 def test_summary_budget_and_results_provenance(demo_service, examples):
     from hones_core import __version__
 
-    out = demo_service.run(_request(demo_service, examples["vqa"][0], budget_pct=100.0, factor=1.0))
     total = demo_service.vlm.arch.num_layers * demo_service.vlm.arch.intermediate_size
-    assert f"{total:,} neurons (100 % of {total:,})" in out.summary and "e+" not in out.summary
+    whole = demo_service.run(_request(demo_service, examples["vqa"][0], budget_pct=100.0, factor=1.0,
+                                      method="activation"))
+    assert f"{total:,} neurons (100 % of {total:,})" in whole.summary and "e+" not in whole.summary
+    # HONES takes only neurons with a positive importance, and says how many the budget lacks
+    out = demo_service.run(_request(demo_service, examples["vqa"][0], budget_pct=100.0, factor=1.0))
+    positive = int((demo_service.artifact.task("vqa").importance > 0).sum())
+    assert 0 < positive < total
+    assert (f"Only {positive:,} neurons have a positive HONES importance, so the budget's other "
+            f"{total - positive:,} are not selected") in out.summary
+    assert sum(map(len, out.results["selected_neurons"].values())) == positive
     results = out.results
     assert results["model"] == {"id": str(ASSETS.joinpath("toy-vlm").resolve()), "revision": None, "commit": None}
     assert results["rankings"]["id"] == str(ASSETS.joinpath("rankings", "toy-vlm").resolve())

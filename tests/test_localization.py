@@ -54,6 +54,8 @@ def test_resume_skips_finished_layers(toy_vlm, toy_items):
 def test_top_heads_and_default_k():
     scores = HeadScores(torch.tensor([[0.1, 0.5], [0.5, -0.2]]), base=1.0, utility="metric")
     assert scores.top(2) == [(0, 1), (1, 0)]          # ties: lower layer first
-    assert default_top_heads(32, 32) == 31 and default_top_heads(4, 4) == 4
+    # round(0.03 * 1024) = round(30.72) = 31 (the paper's 30 for LLaVA-1.5-7B is set explicitly, not by this rule);
+    # 4 x 4 heads: 0.48 rounds to 0, and the floor is 4
+    assert default_top_heads(32, 32) == 31 and default_top_heads(28, 28) == 24 and default_top_heads(4, 4) == 4
     with pytest.raises(ValueError, match="utility must be one of metric, logprob"):
         utilities(None, [], [None], "accuracy", batch_size=1)

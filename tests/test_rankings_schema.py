@@ -33,7 +33,8 @@ def test_select_exact_top_ratio():
     assert r.select("hones", 0.25) == {0: [2, 4, 9], 1: [0, 7]}
     assert r.select("hones", 1e-6) == {1: [7]}
     assert r.ranked("hones", 0.25) == [(1, 7, 9.0), (0, 2, 8.0), (1, 0, 7.0), (0, 9, 6.0), (0, 4, 5.0)]
-    assert r.select("hones", 1.0) == {0: list(range(10)), 1: list(range(10))}
+    # the whole budget asked for, but only five neurons have a positive importance: no zeros fill it
+    assert r.select("hones", 1.0) == {0: [2, 4, 9], 1: [0, 7]} and r.shortfall("hones", 1.0) == 15
     # A baseline ranks by its own matrix: the most negative importance first (all zeros tie -> low index).
     assert r.select("dvp", 0.1) == {0: [0, 1]}
     assert r.methods() == ["hones", "dvp", "random"]
@@ -142,3 +143,19 @@ def test_check_against_names_both_sides():
     with pytest.raises(RankingsMismatchError) as e:
         R.validate(artifact, num_layers=28, num_heads=28, intermediate_size=18944, model_id="Qwen/x")
     assert all(s in str(e.value) for s in (f"{L} layers", "has 28", f"{H} heads", f"{I} FFN", "has 18944"))
+
+
+def test_hones_never_fills_its_budget_with_zero_importance():
+    """Fewer positive neurons than the budget: fewer neurons, not index-ordered zeros (layer 0 first)."""
+    importance = torch.tensor([[0.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -1.0]])     # two positive of eight
+    dvp = torch.tensor([[0.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -1.0]])
+    r = TaskRanking("vqa", torch.zeros(2, 2), importance, [], baselines={"dvp": dvp})
+    assert r.select("hones", 0.5) == {0: [2], 1: [1]}           # budget 4, two positive
+    assert r.ranked("hones", 0.5) == [(1, 1, 2.0), (0, 2, 0.5)]
+    assert r.positive("hones") == 2 and r.shortfall("hones", 0.5) == 2 and r.shortfall("hones", 0.25) == 0
+    random = r.select("random", 0.5, seed=3)
+    assert {layer: len(v) for layer, v in random.items()} == {0: 1, 1: 1}    # the same per-layer counts
+    assert r.shortfall("random", 0.5) == 2
+    # a baseline's ranking is its ranking: DVP's budget is filled by value (0 before -1), no shortfall
+    assert r.ranked("dvp", 0.5) == [(1, 1, 2.0), (0, 2, 0.5), (0, 0, 0.0), (0, 1, 0.0)]
+    assert r.shortfall("dvp", 0.5) == 0

@@ -81,3 +81,10 @@ def test_check_selections_refuses_what_is_not_a_selection():
 def test_layer_sums_add_only_selected_neurons():
     values = np.arange(12, dtype=float).reshape(3, 4)        # [[0..3], [4..7], [8..11]]
     np.testing.assert_array_equal(layer_sums(values, {0: [1, 3], 2: [0]}), [1 + 3, 0, 8])
+
+
+def test_top_flat_positive_only_drops_scores_at_or_below_zero():
+    scores = torch.tensor([[0.0, 2.0], [-1.0, 0.5]])
+    order, values = top_flat(scores, 1.0, positive_only=True)
+    assert order.tolist() == [1, 3] and values.tolist() == [2.0, 0.5]
+    assert top_flat(scores, 1.0)[0].tolist() == [1, 3, 0, 2]

@@ -54,11 +54,14 @@ class Neurons:
             overlap plots), where `method` is the request's set if every task has it, else "hones".
         method: the neuron set `by_task` was taken with.
         total: all (layer, neuron) pairs of the model.
+        shortfall: neurons the budget asks for that the selection lacks because fewer neurons
+            than that have a positive HONES importance (`TaskRanking.shortfall`).
     """
     selection: Selection
     by_task: dict[str, Selection]
     method: str
     total: int
+    shortfall: int = 0
 
 
 def method_label(method: str) -> str:
@@ -169,6 +172,9 @@ def summary(request: Request, computed: Computed, neurons: Neurons, answers: tup
              + (" on top of the learned scales (1 + s)" if learned else "") + "."]
     if learned:
         lines[0] += " (The budget does not apply to learned scales.)"
+    elif neurons.shortfall:
+        lines[0] += (f" Only {n_selected:,} neurons have a positive HONES importance, so the budget's other "
+                     f"{neurons.shortfall:,} are not selected (no zeros are used to fill it).")
     metric = metric_line(request, computed.base, computed.steered)
     if metric:
         lines.append(metric)

@@ -199,9 +199,10 @@ class DemoService:
         method, budget_pct = request.method, request.budget_pct
         usable = all(method in r.methods() for r in self.artifact.tasks.values()) and method != "learned"
         used = method if usable else "hones"
+        shortfall = 0 if method == "learned" else self.artifact.task(request.task).shortfall(method, budget_pct / 100)
         return Neurons(self.selection(request.task, method, budget_pct),
                        {t: self.selection(t, used, budget_pct) for t in self.tasks}, used,
-                       self.vlm.arch.num_layers * self.vlm.arch.intermediate_size)
+                       self.vlm.arch.num_layers * self.vlm.arch.intermediate_size, shortfall)
 
     # ----- model work (plain data in and out) ------------------------------------------------------
     def compute(self, request: Request, base: BaseResult | None = None) -> Computed:

@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..errors import RankingsError, RankingsMismatchError, RankingsSchemaError
-from ..selection import Selection, counts, from_flat, random_like, top_flat
+from ..selection import Selection, budget, counts, from_flat, random_like, top_flat
 from ..tasks import TASKS
 
 SCHEMA = "hones-rankings/1"
@@ -203,6 +203,27 @@ class TaskRanking:
                 f"importance={list(self.importance.shape)}, top_heads={self.top_heads}, "
                 f"baselines={list(self.baselines)}, fallback={self.fallback}, scales={self.scales!r})")
 
+    def positive_only(self, method: str) -> bool:
+        """Whether `method` selects only neurons with a score above 0.
+
+        HONES importance is a weighted sum of positive parts (or, in the fallback, the mean
+        contribution c̄): a neuron at 0 has no evidence for the task, so it is never picked to
+        fill a budget.
+        """
+        return method == "hones"
+
+    def positive(self, method: str = "hones") -> int:
+        """How many neurons have a score above 0 under `method`."""
+        return int((self.matrix(method) > 0).sum())
+
+    def shortfall(self, method: str = "hones", ratio: float = DEFAULT_RATIO) -> int:
+        """Neurons the budget asks for that `select(method, ratio)` leaves out for want of a positive
+        score (0 for methods that are not positive-only; "random" follows "hones")."""
+        base = "hones" if method == "random" else method
+        if not self.positive_only(base):
+            return 0
+        return max(0, budget(ratio, self.importance.numel()) - self.positive(base))
+
     def methods(self) -> list[str]:
         """Ranking methods available: "hones", the baselines present, and "random"."""
         return ["hones", *self.baselines, "random"]
@@ -225,7 +246,8 @@ class TaskRanking:
         `max(1, round(ratio * layers * intermediate))` neurons: the global top of the method's
         matrix (ties broken by lower flat index), or for "random" the same per-layer counts as
         the HONES selection with neurons drawn uniformly inside each layer from
-        `torch.Generator().manual_seed(seed)`.
+        `torch.Generator().manual_seed(seed)`. HONES takes only neurons with importance above
+        0, so it may return fewer (`shortfall` says how many fewer).
 
         Returns:
             {layer: sorted neuron indices} for the layers with at least one neuron.
@@ -236,12 +258,12 @@ class TaskRanking:
         width = self.importance.shape[1]
         if method == "random":
             return random_like(counts(self.select("hones", ratio)), width, seed=seed)
-        order, _ = top_flat(self.matrix(method), ratio)
+        order, _ = top_flat(self.matrix(method), ratio, positive_only=self.positive_only(method))
         return from_flat(order.tolist(), width)
 
     def ranked(self, method: str = "hones", ratio: float = DEFAULT_RATIO) -> list[tuple[int, int, float]]:
         """The same neurons as `select(method, ratio)` as (layer, neuron, score), best first."""
-        order, scores = top_flat(self.matrix(method), ratio)
+        order, scores = top_flat(self.matrix(method), ratio, positive_only=self.positive_only(method))
         width = self.importance.shape[1]
         return [(i // width, i % width, s) for i, s in zip(order.tolist(), scores.tolist())]
 
