@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="[HONES_MODEL_REVISION] model revision (overrides --revision)")
     p.add_argument("--rankings-revision", default=env("HONES_RANKINGS_REVISION"),
                    help="[HONES_RANKINGS_REVISION] rankings revision (overrides --revision)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   default=env("HONES_ALLOW_OTHER_MODEL", "").strip().lower() in ("1", "true", "yes"),
+                   help="[HONES_ALLOW_OTHER_MODEL=1] use rankings computed for another Hub model of the same shapes "
+                        "(e.g. the base model of a fine-tune); every result says so (default: refuse)")
     p.add_argument("--examples", default=env("HONES_EXAMPLES", str(DEFAULT_EXAMPLES)),
                    help=f"[HONES_EXAMPLES] folder with examples.json and its images (default: {DEFAULT_EXAMPLES})")
     p.add_argument("--device", default=env("HONES_DEVICE"),
@@ -167,7 +171,8 @@ def load_service(args: argparse.Namespace):
     from hones_core.demo import DemoService
 
     return DemoService.load(args.model, args.rankings, model_revision=args.model_revision or args.revision,
-                            rankings_revision=args.rankings_revision or args.revision, device=args.device)
+                            rankings_revision=args.rankings_revision or args.revision, device=args.device,
+                            allow_other_model=args.allow_other_model)
 
 
 # --------------------------------------------------------------------------- the page

@@ -75,6 +75,9 @@ def test_help_and_configuration(monkeypatch):
     assert (args.model, args.rankings, args.revision, args.rankings_revision, args.port, args.concurrency) == \
         ("org/model", "org/rankings", "v1", "abc123", 8000, 4)
     assert app.parse_args([]).port == 9000
+    assert app.parse_args([]).allow_other_model is False and app.parse_args(["--allow-other-model"]).allow_other_model
+    monkeypatch.setenv("HONES_ALLOW_OTHER_MODEL", "1")
+    assert app.parse_args([]).allow_other_model is True
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(["--help"])
     assert exit_info.value.code == 0

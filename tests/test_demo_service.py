@@ -127,3 +127,25 @@ def test_devices_that_are_not_there_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(DemoConfigError, match="no CUDA device.*HONES_DEVICE=cpu"):
             check_device("cuda")
+
+
+def test_rankings_of_another_hub_model_are_refused_unless_allowed(toy_vlm, app_rankings, examples):
+    """The same toy weights under a fine-tune's Hub name: same shapes, another model."""
+    from dataclasses import replace
+
+    from hones_core.errors import RankingsMismatchError
+    from hones_core.models import VLM
+
+    artifact = rankings.load(app_rankings)
+    artifact.model = replace(artifact.model, id="org/toy-base", revision=None)
+    tuned = VLM(toy_vlm.model, toy_vlm.processor, name="org/toy-finetune")
+    with pytest.raises(RankingsMismatchError, match="computed for org/toy-base, and the model loaded is "
+                                                    "org/toy-finetune"):
+        DemoService(tuned, artifact)
+    service = DemoService(tuned, artifact, allow_other_model=True)
+    out = service.run(_request(service, examples["vqa"][0]))
+    assert out.results["rankings"]["other_model"].startswith("the rankings were computed for org/toy-base")
+    assert any(w.startswith("Allowed with --allow-other-model: the rankings were computed for org/toy-base")
+               for w in out.warnings)
+    # the matching model is not flagged
+    assert DemoService(toy_vlm, rankings.load(app_rankings)).other_model is None

@@ -159,3 +159,25 @@ def test_hones_never_fills_its_budget_with_zero_importance():
     # a baseline's ranking is its ranking: DVP's budget is filled by value (0 before -1), no shortfall
     assert r.ranked("dvp", 0.5) == [(1, 1, 2.0), (0, 2, 0.5), (0, 0, 0.0), (0, 1, 0.0)]
     assert r.shortfall("dvp", 0.5) == 0
+
+
+def test_another_hub_model_of_the_same_shapes_is_refused_unless_allowed(tmp_path):
+    """Shapes cannot tell a fine-tune from its base: Hub ids and revisions must agree too."""
+    artifact = make_rankings("vqa")                     # made for llava-hf/llava-1.5-7b-hf @ abc123
+    arch = fake_arch()
+    assert R.check_against(artifact, arch, model_id="llava-hf/llava-1.5-7b-hf", revision="abc123") is None
+    assert R.check_against(artifact, arch, model_id="LLaVA-HF/llava-1.5-7b-hf") is None   # ids: case-insensitive
+    with pytest.raises(RankingsMismatchError) as e:
+        R.check_against(artifact, arch, model_id="you/llava-finetune")
+    msg = str(e.value)
+    assert "computed for llava-hf/llava-1.5-7b-hf@abc123, and the model loaded is you/llava-finetune" in msg
+    assert "--allow-other-model" in msg and "HONES_ALLOW_OTHER_MODEL=1" in msg
+    with pytest.raises(RankingsMismatchError, match="the model loaded is llava-hf/llava-1.5-7b-hf@def456"):
+        R.check_against(artifact, arch, model_id="llava-hf/llava-1.5-7b-hf", revision="def456")
+    note = R.check_against(artifact, arch, model_id="you/llava-finetune", allow_other_model=True)
+    assert note.startswith("the rankings were computed for llava-hf/llava-1.5-7b-hf@abc123")
+    # a local folder says nothing about which model it holds: shapes only
+    local = tmp_path / "my" / "model"
+    local.mkdir(parents=True)
+    assert R.check_against(artifact, arch, model_id=str(local)) is None
+    assert not R.is_hub_id(str(local)) and R.is_hub_id("org/name") and not R.is_hub_id("a/b/c")

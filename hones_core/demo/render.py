@@ -254,6 +254,8 @@ def render(request: Request, computed: Computed, ranking: TaskRanking, neurons: 
     table = (candidates_table(request, computed.base, computed.steered)
              if TASKS[request.task].scoring == "yes/no" else None)
     notes = list(request.notes)
+    if sources["rankings"].get("other_model"):
+        notes.append(f"Allowed with --allow-other-model: {sources['rankings']['other_model']}.")
     if computed.base.contributions is None:
         notes.append("The base answer is empty, so there is no answer direction for the contribution plots.")
     return Output(left, right, summary(request, computed, neurons, answers), table,

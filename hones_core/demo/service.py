@@ -104,11 +104,14 @@ class DemoService:
         artifact: rankings checked against `vlm` (see `load`).
         max_new_tokens: generation length limit.
         cache_size: base results kept (LRU).
+        allow_other_model: accept rankings computed for another Hub model of the same shapes
+            (e.g. the base of a fine-tune); every result then records which models differ.
     """
 
     def __init__(self, vlm: VLM, artifact: rankings_lib.Rankings, *, max_new_tokens: int = 24, cache_size: int = 32,
-                 rankings_source: dict | None = None):
-        rankings_lib.check_against(artifact, vlm.arch, model_id=vlm.name)
+                 rankings_source: dict | None = None, allow_other_model: bool = False):
+        self.other_model = rankings_lib.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
+                                                      allow_other_model=allow_other_model)
         self.vlm, self.artifact, self.max_new_tokens = vlm, artifact, max_new_tokens
         self.base_cache = LRU(cache_size)
         self.input_cache = LRU(cache_size)            # processor outputs per (image, prompts[, gold])
@@ -125,7 +128,8 @@ class DemoService:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, rankings: str = DEFAULT_RANKINGS, *, model_revision: str | None = None,
-             rankings_revision: str | None = None, device: str | None = None, dtype: str = "auto") -> DemoService:
+             rankings_revision: str | None = None, device: str | None = None, dtype: str = "auto",
+             allow_other_model: bool = False) -> DemoService:
         """Load the rankings and the model and check they belong together.
 
         The rankings load first (they are small), so a missing or unreachable repo is reported
@@ -146,7 +150,7 @@ class DemoService:
         except (ModelLoadError, UnsupportedModelError) as err:
             raise DemoConfigError(f"HONES_MODEL={model} cannot be loaded {pair}: {err}") from err
         try:
-            return cls(vlm, artifact, rankings_source=artifact.source)
+            return cls(vlm, artifact, rankings_source=artifact.source, allow_other_model=allow_other_model)
         except RankingsMismatchError as err:
             raise DemoConfigError(f"the rankings {at(rankings, rankings_revision)} do not belong to the model "
                                   f"{at(model, model_revision)}: {err}") from err
@@ -256,7 +260,8 @@ class DemoService:
 
     def render(self, request: Request, computed: Computed, *, wall: float) -> Output:
         sources = {**self.sources, "rankings": {**self.sources["rankings"],
-                                                "for_model": self.artifact.model.describe()}}
+                                                "for_model": self.artifact.model.describe(),
+                                                "other_model": self.other_model}}
         return render_lib.render(request, computed, self.artifact.task(request.task), self.neurons(request),
                                  num_layers=self.vlm.arch.num_layers, sources=sources,
                                  figure_cache=self.figure_cache, wall=wall)

@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -312,11 +313,25 @@ def validate(rankings: Rankings, *, num_layers: int, num_heads: int, intermediat
     ])
 
 
-def check_against(rankings: Rankings, arch: Any, *, model_id: str = "") -> None:
-    """Check the rankings against a loaded model's `Architecture`: family and shapes.
+def check_against(rankings: Rankings, arch: Any, *, model_id: str = "", revision: str | None = None,
+                  allow_other_model: bool = False) -> str | None:
+    """Check the rankings against a loaded model: family and shapes, then which model it is.
+
+    Shapes alone do not tell a model from its fine-tune, so when both the manifest's model and
+    `model_id` are Hub ids, they must name the same repo (and the same revision, where both
+    give one). Local folders are compared by shape only: a local copy of a Hub model is as
+    common as a local fine-tune, and a path says nothing about which it is.
+
+    Args:
+        model_id: the loaded model's Hub id or local path.
+        revision: the revision it was loaded at (None: the default branch).
+        allow_other_model: accept another model of the same shapes; the return value says so.
+
+    Returns:
+        None, or (with `allow_other_model`) the note to record: which models differ.
 
     Raises:
-        RankingsMismatchError: a family or shape mismatch, naming both sides.
+        RankingsMismatchError: a family or shape mismatch, or another Hub model, naming both sides.
     """
     _raise_mismatches(rankings.model, model_id, [
         ("family", rankings.model.family, arch.family.name),
@@ -324,6 +339,28 @@ def check_against(rankings: Rankings, arch: Any, *, model_id: str = "") -> None:
         ("heads per layer", rankings.model.num_heads, arch.num_heads),
         ("FFN neurons per layer (intermediate size)", rankings.model.intermediate_size, arch.intermediate_size),
     ])
+    made_for = rankings.model
+    if not (is_hub_id(made_for.id) and is_hub_id(model_id)):
+        return None
+    other_repo = made_for.id.lower() != model_id.lower()
+    other_revision = made_for.revision is not None and revision is not None and made_for.revision != revision
+    if not (other_repo or other_revision):
+        return None
+    loaded = f"{model_id}@{revision}" if revision else model_id
+    note = (f"the rankings were computed for {made_for.describe()}, and the model loaded is {loaded} "
+            f"(same family and shapes)")
+    if allow_other_model:
+        return note
+    raise RankingsMismatchError(f"{note}: shapes cannot tell a model from its fine-tune, so these rankings may not "
+                                f"describe it — use rankings computed for {loaded}, or pass --allow-other-model "
+                                f"(HONES_ALLOW_OTHER_MODEL=1 for the app) to use them anyway")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """`org/name` that is not an existing local path (what the Hub would be asked for)."""
+    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
+        return False
+    return not Path(name).expanduser().exists()
 
 
 def _raise_mismatches(made_for: ModelInfo, model_id: str, checks: list[tuple[str, Any, Any]]) -> None:
@@ -368,5 +405,5 @@ def check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> Non
 
 
 __all__ = ["SCHEMA", "DEFAULT_RATIO", "RESERVED_METHODS", "MANIFEST", "HEADS_FILE", "NEURONS_FILE", "TOP_FILE",
-           "SCALES_FILE", "CARD_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate", "check_against",
+           "SCALES_FILE", "CARD_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate", "check_against", "is_hub_id",
            "check_task_shapes"]
