@@ -184,7 +184,7 @@ def _key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def build_retrieval_items(records: list[Record], *, n_negatives: int = 4, seed: int = 0) -> list[RetrievalItem]:
+def build_retrieval_items(records: list[Record], *, n_negatives: int, seed: int = 0) -> list[RetrievalItem]:
     """One item per captioned record: a caption of its own and `n_negatives` hard negatives.
 
     Negatives come from the other records' captions: a seeded sample of `50 * n_negatives`

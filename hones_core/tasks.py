@@ -20,6 +20,9 @@ from PIL import Image
 from .data import Record, build_retrieval_items, draw_ocr_box
 
 
+N_NEGATIVES = 49     # retrieval: 1 positive + 49 hard negatives per item, the paper's protocol (NDCG@5)
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of the task table.
@@ -126,7 +129,7 @@ class TaskItem:
         return tuple(retrieval_prompt(c) for c in self.candidates)
 
 
-def items_for_task(task: str, records: Sequence[Record], *, n_negatives: int = 4, seed: int = 0,
+def items_for_task(task: str, records: Sequence[Record], *, n_negatives: int = N_NEGATIVES, seed: int = 0,
                    limit: int | None = None) -> list[TaskItem]:
     """The task's items from the records that have what it needs (first `limit` of them)."""
     check_task(task)
