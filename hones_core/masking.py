@@ -4,9 +4,13 @@ Every method's neuron set (HONES, activation, unconditioned DVP, random with the
 per-layer counts) is masked at every position on a held-out split, at the same budget.
 All methods run in shared batches: each (item, method) row carries its own plan.
 
-Cross-task analysis: the tasks' HONES sets are split into groups by how many tasks share
-a neuron (task-specific, shared by 2, by 3, by all 4); masking each group that touches a
-task shows whether the task relies on its own neurons or on shared ones.
+Budget curves (`budget_curves`): every method at every budget, in one set of shared batches.
+
+Cross-task analysis: the 4 x 4 cross-ablation matrix (`cross_ablation`: mask task A's top set,
+relative drop on task B) with a specificity number (diagonal minus off-diagonal mean), and the
+tasks' HONES sets split into groups by how many tasks share a neuron (task-specific, shared by
+2, by 3, by all 4; `selection.overlap_groups`): masking each group that touches a task shows
+whether the task relies on its own neurons or on shared ones.
 """
 
 from __future__ import annotations
@@ -43,4 +47,58 @@ def evaluate_selections(vlm: VLM, items: Sequence[TaskItem], selections: Mapping
             for name, value in zip(names, values[1:])}
 
 
-__all__ = ["drop", "evaluate_selections"]
+
+
+def budget_curves(vlm: VLM, items: Sequence[TaskItem], ranking, methods: Sequence[str], budgets_pct: Sequence[float],
+                  *, seed: int = 0, batch_size: int = 32, shard: Shard = Shard()) -> dict[str, dict[str, dict]]:
+    """Every method masked at every budget on one task's held-out items, in shared batches.
+
+    Args:
+        ranking: the task's `rankings.TaskRanking`.
+        budgets_pct: budgets in percent of all (layer, neuron) pairs.
+
+    Returns:
+        `{method: {"<budget>": drop dict (base, masked, abs_drop, rel_drop, neurons)}}`, the budget
+        keys formatted with `budget_key`.
+    """
+    selections = {(m, b): ranking.select(m, b / 100, seed=seed) for m in methods for b in budgets_pct}
+    flat = evaluate_selections(vlm, items, {f"{m}@{b}": s for (m, b), s in selections.items()},
+                               batch_size=batch_size, shard=shard)
+    return {m: {budget_key(b): flat[f"{m}@{b}"] for b in budgets_pct} for m in methods}
+
+
+def budget_key(pct: float) -> str:
+    """A budget in percent as a JSON key: "0.5", "1", "2"."""
+    return f"{pct:g}"
+
+
+def cross_ablation(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, method: str, ratio: float,
+                   *, seed: int = 0, batch_size: int = 32, shard: Shard = Shard()) -> dict:
+    """Mask task A's top set, measure the relative drop on task B, for every pair of tasks.
+
+    Returns:
+        `{"tasks": [...], "matrix": [[rel_drop of row task A's set on column task B]], "specificity": float}`:
+        specificity is the mean diagonal drop minus the mean off-diagonal drop (percentage points;
+        high means each task's neurons matter for that task more than for the others).
+    """
+    tasks = list(items_by_task)
+    sets = {a: artifact.task(a).select(method, ratio, seed=seed) for a in tasks}
+    matrix = [[0.0] * len(tasks) for _ in tasks]
+    for j, b in enumerate(tasks):
+        drops = evaluate_selections(vlm, items_by_task[b], sets, batch_size=batch_size, shard=shard)
+        for i, a in enumerate(tasks):
+            matrix[i][j] = drops[a]["rel_drop"]
+    return {"tasks": tasks, "matrix": matrix, "specificity": specificity(matrix)}
+
+
+def specificity(matrix: Sequence[Sequence[float]]) -> float | None:
+    """Mean diagonal minus mean off-diagonal entry of a square matrix (None below 2 x 2)."""
+    n = len(matrix)
+    if n < 2:
+        return None
+    diagonal = sum(matrix[i][i] for i in range(n)) / n
+    off = sum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    return diagonal - off
+
+
+__all__ = ["drop", "evaluate_selections", "budget_curves", "budget_key", "cross_ablation", "specificity"]

@@ -257,6 +257,63 @@ def cross_ablation_bars(results: Mapping[str, Mapping[str, float]]) -> Plot:
     return Plot(fig, caption)
 
 
+def budget_curve(drops: Mapping[str, Mapping[float, float]], *, task: str, metric_name: str | None = None) -> Plot:
+    """Relative drop (%) against the neuron budget (%), one line per method, for one task.
+
+    `drops` is `{method: {budget in %: relative drop in %}}`.
+    """
+    if not isinstance(drops, Mapping) or not drops:
+        raise ValueError("drops must be a non-empty dict method -> {budget %: relative drop %}")
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for k, (method, curve) in enumerate(drops.items()):
+        points = sorted((float(b), float(v)) for b, v in curve.items())
+        if not points or not all(math.isfinite(b) and math.isfinite(v) and b > 0 for b, v in points):
+            raise ValueError(f"drops[{method!r}] must map positive budgets to finite drops, got {dict(curve)!r}")
+        ax.plot([b for b, _ in points], [v for _, v in points], marker=_MARKERS[k % len(_MARKERS)],
+                color=_PALETTE[k % len(_PALETTE)], label=str(method))
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", linewidth=0.8)
+    metric = metric_name or "task metric"
+    ax.set_xlabel("neuron budget (% of all FFN neurons, log scale)")
+    ax.set_ylabel(f"relative drop in {metric} (%)")
+    ax.set_title(f"Masking at growing budgets: {task}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="method", title_fontsize=8)
+    caption = (f"Relative drop (%) of the {task} {metric} on held-out data when each method's top neurons are "
+               f"masked, at each budget; a method whose curve lies higher finds neurons that matter more.")
+    return Plot(fig, caption)
+
+
+def cross_ablation_matrix(tasks: Sequence[str], matrix: object, *, method: str,
+                          specificity: float | None = None) -> Plot:
+    """Annotated heatmap: row task A's top set masked, relative drop (%) on column task B."""
+    tasks = [str(t) for t in tasks]
+    values = _array(matrix, "matrix", 2)
+    n = len(tasks)
+    if values.shape != (n, n):
+        raise ValueError(f"matrix must be [{n}, {n}] for {n} tasks, got shape {tuple(values.shape)}")
+    fig = _figure(5.2, 4.4)
+    ax = fig.add_subplot()
+    limit = max(1.0, float(np.abs(values).max()))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)      # drops red, gains blue
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(values[i, j]) > 0.6 * limit else "black")
+    ax.set_xticks(range(n), tasks)
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("task whose neurons are masked")
+    ax.set_title(f"Cross-task ablation ({method})")
+    fig.colorbar(image, ax=ax, label="relative drop (%)", shrink=0.9)
+    spec = f" Specificity (diagonal minus off-diagonal mean): {specificity:.1f} points." if specificity is not None \
+        else ""
+    caption = (f"Relative drop (%) of each column task's metric when the row task's top {method} neurons are "
+               f"masked; a strong diagonal means task-specific neurons.{spec}")
+    return Plot(fig, caption)
+
+
 # --------------------------------------------------------------------------- one input
 
 def contributions(labels: Sequence[str], base, steered, *, title_hint: str = "") -> Plot:
@@ -310,7 +367,8 @@ def layer_sums(base, steered) -> Plot:
     ax.set_title("Contributions per layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    caption = "Sum over each layer of the selected neurons' write-in contributions to the answer, base vs steered model."
+    caption = ("Sum over each layer of the selected neurons' write-in contributions to the answer, base vs steered "
+               "model.")
     return Plot(fig, caption)
 
 

@@ -226,3 +226,27 @@ def test_concurrent_rendering_without_pyplot(tmp_path):
         assert all(size > 0 for size in pool.map(render, range(8)))
     code = "import sys, hones_core.plots; assert 'matplotlib.pyplot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_budget_curve_draws_one_line_per_method_in_budget_order():
+    plot = plots.budget_curve({"hones": {2: 30.0, 0.5: 10.0, 1: 20.0}, "random": {0.5: 1.0, 1: -2.0, 2: 3.0}},
+                              task="vqa", metric_name="VQA accuracy")
+    ax = check_plot(plot)
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+             if not line.get_label().startswith("_")}
+    assert lines == {"hones": ([0.5, 1.0, 2.0], [10.0, 20.0, 30.0]), "random": ([0.5, 1.0, 2.0], [1.0, -2.0, 3.0])}
+    assert ax.get_xscale() == "log"
+    with pytest.raises(ValueError, match="positive budgets"):
+        plots.budget_curve({"hones": {0: 1.0}}, task="vqa")
+
+
+def test_cross_ablation_matrix_annotates_every_cell():
+    values = np.array([[30.0, 5.0], [-2.0, 12.5]])
+    plot = plots.cross_ablation_matrix(["vqa", "ocr"], values, method="hones", specificity=19.0)
+    ax = check_plot(plot)
+    np.testing.assert_allclose(ax.images[0].get_array(), values)
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(0, 0): "30.0", (0, 1): "5.0", (1, 0): "-2.0", (1, 1): "12.5"}
+    assert "19.0 points" in plot.caption
+    with pytest.raises(ValueError, match="matrix must be"):
+        plots.cross_ablation_matrix(["vqa"], values, method="hones")

@@ -157,3 +157,24 @@ def test_top_json_from_another_run_is_refused(saved):
     save_file({"importance": torch.rand(L, I, generator=torch.Generator().manual_seed(99))}, str(neurons))
     with pytest.raises(RankingsSchemaError, match="vqa/top.json lists other neurons"):
         R.load(saved)
+
+
+def test_a_stored_evaluation_round_trips_and_shows_in_the_card(tmp_path):
+    directory = R.save(make_rankings("vqa"), tmp_path / "art")
+    assert R.load(directory).evaluation is None
+    doc = {"split": {"file": "test.json", "digest": "abc", "items": {"vqa": 8}}, "methods": ["hones", "random"],
+           "budgets_pct": [1.0, 2.0],
+           "drops": {"vqa": {"hones": {"1": {"rel_drop": 27.25}, "2": {"rel_drop": 40.0}},
+                             "random": {"1": {"rel_drop": 1.5}, "2": {"rel_drop": 2.0}}}},
+           "cross": {"hones": {"tasks": ["vqa"], "matrix": [[27.25]], "specificity": None}}}
+    path = R.save_evaluation(directory, doc)
+    assert path == directory / "evaluation.json" and json.loads(path.read_text()) == doc
+    assert R.load(directory).evaluation == doc
+    card = (directory / "README.md").read_text()
+    assert "## Stored evaluation" in card and "| task | hones | random |" in card and "| vqa | 27.2 | 1.5 |" in card
+    # re-saving the artifact keeps it; a malformed file is refused with its name
+    R.save(R.load(directory), directory)
+    assert R.load(directory).evaluation == doc
+    path.write_text("[1, 2]")
+    with pytest.raises(RankingsSchemaError, match="evaluation.json must hold an object"):
+        R.load(directory)

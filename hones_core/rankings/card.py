@@ -91,6 +91,7 @@ def dataset_card(rankings: Rankings, figures: Mapping[str, str] | None = None) -
     for title, values in (("Parameters", rankings.params), ("Data", rankings.data)):
         lines += ["", f"## {title}", ""]
         lines += [f"- {key}: {_format_value(value)}" for key, value in values.items()] or ["- (none recorded)"]
+    lines += evaluation_lines(rankings.evaluation)
     lines += ["", "## Use", "", "```python",
               "from hones_core import rankings",
               "artifact = rankings.load(\"<this repo id>\")   # or a local folder",
@@ -103,4 +104,29 @@ def dataset_card(rankings: Rankings, figures: Mapping[str, str] | None = None) -
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["dataset_card", "linked_figures"]
+def evaluation_lines(evaluation: Mapping | None) -> list[str]:
+    """The card's "Stored evaluation" section: relative drops at one budget, and specificity per method."""
+    if not evaluation or not evaluation.get("drops"):
+        return []
+    budgets = [f"{b:g}" for b in evaluation.get("budgets_pct", [])]
+    shown = "1" if "1" in budgets else (budgets[0] if budgets else None)
+    drops = evaluation["drops"]
+    methods = list(evaluation.get("methods") or next(iter(drops.values())))
+    split = evaluation.get("split", {})
+    lines = ["", "## Stored evaluation", "",
+             f"Relative drop (%) of each task's metric when each method's top {shown} % of neurons are masked, "
+             f"on the held-out split `{split.get('file', '?')}` ({_format_value(split.get('items', {}))} items; "
+             f"`python -m hones_core mask-eval ... --into-rankings`).", "",
+             "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for task, by_method in drops.items():
+        cells = [by_method.get(m, {}).get(shown) for m in methods]
+        lines.append(f"| {task} | " + " | ".join("—" if c is None else f"{c['rel_drop']:.1f}" for c in cells) + " |")
+    cross = evaluation.get("cross") or {}
+    if cross:
+        lines += ["", "Specificity (diagonal minus off-diagonal mean of the cross-ablation matrix, points): "
+                  + ", ".join(f"{m} {c['specificity']:.1f}" for m, c in cross.items()
+                              if c.get("specificity") is not None) + "."]
+    return lines
+
+
+__all__ = ["dataset_card", "linked_figures", "evaluation_lines"]

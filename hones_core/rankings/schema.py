@@ -41,6 +41,7 @@ NEURONS_FILE = "neurons.safetensors"
 TOP_FILE = "top.json"
 SCALES_FILE = "scales.safetensors"
 CARD_FILE = "README.md"
+EVALUATION_FILE = "evaluation.json"     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
 
 
 # --------------------------------------------------------------------------- data
@@ -278,6 +279,7 @@ class Rankings:
     data: dict = field(default_factory=dict)
     created_with: str = f"hones_core {__version__}"
     source: dict | None = None      # where `load` read it: {"id", "revision", "commit"} (None: built in memory)
+    evaluation: dict | None = None  # stored `mask-eval --into-rankings` results (EVALUATION_FILE), if any
 
     def __post_init__(self):
         for name, ranking in self.tasks.items():
@@ -405,5 +407,5 @@ def check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> Non
 
 
 __all__ = ["SCHEMA", "DEFAULT_RATIO", "RESERVED_METHODS", "MANIFEST", "HEADS_FILE", "NEURONS_FILE", "TOP_FILE",
-           "SCALES_FILE", "CARD_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate", "check_against", "is_hub_id",
-           "check_task_shapes"]
+           "SCALES_FILE", "CARD_FILE", "EVALUATION_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate",
+           "check_against", "is_hub_id", "check_task_shapes"]

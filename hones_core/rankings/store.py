@@ -22,8 +22,8 @@ from ..errors import RankingsMismatchError, RankingsNotFoundError, RankingsSchem
 from ..files import atomic_write, json_bytes, read_json
 from ..tasks import TASKS
 from .card import dataset_card, linked_figures
-from .schema import (CARD_FILE, DEFAULT_RATIO, HEADS_FILE, MANIFEST, NEURONS_FILE, SCALES_FILE, SCHEMA, TOP_FILE,
-                     ModelInfo, Rankings, Scales, TaskRanking, check_task_shapes)
+from .schema import (CARD_FILE, DEFAULT_RATIO, EVALUATION_FILE, HEADS_FILE, MANIFEST, NEURONS_FILE, SCALES_FILE,
+                     SCHEMA, TOP_FILE, ModelInfo, Rankings, Scales, TaskRanking, check_task_shapes)
 
 
 # --------------------------------------------------------------------------- writing
@@ -105,10 +105,33 @@ def save(rankings: Rankings, path: str | Path, *, figures: Mapping[str, str] | N
     directory.mkdir(parents=True, exist_ok=True)
     for ranking in rankings.tasks.values():
         _write_task(directory, ranking)
+    if rankings.evaluation is not None:
+        atomic_write(directory / EVALUATION_FILE, json_bytes(rankings.evaluation))
     figures = linked_figures(directory) if figures is None else figures
     atomic_write(directory / CARD_FILE, dataset_card(rankings, figures).encode())
     atomic_write(directory / MANIFEST, json_bytes(_manifest(rankings)))   # last: it commits the rest
     return directory
+
+
+def save_evaluation(rankings_dir: str | Path, evaluation: Mapping) -> Path:
+    """Store `mask-eval` results in an existing artifact as `evaluation.json` (the card shows them).
+
+    Returns:
+        The written file.
+
+    Raises:
+        RankingsNotFoundError: no folder at `rankings_dir`.
+        RankingsSchemaError: the folder is not a valid artifact, or `evaluation` is not a JSON object.
+    """
+    directory = Path(rankings_dir)
+    rankings = read_dir(existing_dir(directory), origin=str(directory))
+    if not isinstance(evaluation, Mapping):
+        raise RankingsSchemaError(f"an evaluation must be a JSON object, got {type(evaluation).__name__}")
+    rankings.evaluation = dict(evaluation)
+    path = directory / EVALUATION_FILE
+    atomic_write(path, json_bytes(rankings.evaluation))
+    atomic_write(directory / CARD_FILE, dataset_card(rankings, linked_figures(directory)).encode())
+    return path
 
 
 def save_task(rankings_dir: str | Path, task_ranking: TaskRanking) -> Path:
@@ -309,9 +332,16 @@ def read_dir(directory: Path, *, origin: str) -> Rankings:
     if missing:
         raise RankingsSchemaError(f"{origin} is incomplete: {shown} lists tasks whose files are missing: "
                                   f"{', '.join(missing)}")
+    evaluation = None
+    if (directory / EVALUATION_FILE).is_file():
+        evaluation = read_json(directory / EVALUATION_FILE, shown=f"{origin}/{EVALUATION_FILE}",
+                               error=RankingsSchemaError)
+        if not isinstance(evaluation, dict):
+            raise RankingsSchemaError(f"{origin}/{EVALUATION_FILE} must hold an object")
     return Rankings(model=model, tasks={t: _read_task(directory, t, model, origin) for t in tasks},
                     params=manifest.get("params", {}), data=manifest.get("data", {}),
-                    created_with=str(manifest.get("created_with", "")))
+                    created_with=str(manifest.get("created_with", "")), evaluation=evaluation)
 
 
-__all__ = ["save", "save_task", "save_scales", "write_scales", "read_scales", "read_dir", "existing_dir"]
+__all__ = ["save", "save_task", "save_scales", "save_evaluation", "write_scales", "read_scales", "read_dir",
+           "existing_dir"]
