@@ -100,31 +100,75 @@ def cmd_rank(args: argparse.Namespace) -> dict:
 
 
 def cmd_mask_eval(args: argparse.Namespace) -> dict:
-    from . import rankings
-    from .masking import evaluate_selections
-    from .selection import jaccard, overlap_groups
+    from . import __version__, rankings
+    from .masking import report
 
     shard, vlm = _shard(args)
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
-    rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
+    other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
+                                         allow_other_model=args.allow_other_model)
     task_items = _task_items(args)
     methods = args.methods.split(",")
-    results: dict = {"ratio": args.top_ratio, "processes": shard.count, "tasks": {}}
-    for task, items in task_items.items():
-        ranking = artifact.task(task)
-        selections = {m: ranking.select(m, args.top_ratio, seed=args.seed) for m in methods}
-        results["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=args.batch_size, shard=shard)
-    if args.cross:
-        hones = {task: artifact.task(task).select("hones", args.top_ratio) for task in task_items}
-        results["jaccard"] = {a: {b: jaccard(hones[a], hones[b]) for b in hones} for a in hones}
-        results["cross"] = {task: evaluate_selections(vlm, task_items[task], groups, batch_size=args.batch_size,
-                                                      shard=shard)
-                            for task, groups in overlap_groups(hones).items()}
+    for task in task_items:
+        unknown = [m for m in methods if m not in artifact.task(task).methods()]
+        if unknown:
+            raise ValueError(f"--methods: the rankings' {task} task has no {', '.join(unknown)}; available: "
+                             f"{', '.join(artifact.task(task).methods())}")
+    budgets = _budgets(args.budgets)
+    results = report(vlm, task_items, artifact, methods=methods, ratio=args.top_ratio, budgets_pct=budgets,
+                     cross=args.cross, seed=args.seed, batch_size=args.batch_size, shard=shard)
+    results["processes"] = shard.count
+    if other_model:
+        results["other_model"] = other_model
     if shard.is_main:
         print(json.dumps(results), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
+        if args.into_rankings:
+            _store_evaluation(args, artifact, task_items, results, __version__)
     return results
+
+
+def _budgets(text: str | None) -> list[float]:
+    """--budgets "0.5,1,2" -> [0.5, 1.0, 2.0] (percent), each in (0, 100]."""
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets takes percentages separated by commas, e.g. 0.5,1,2,5; got {text!r}") from None
+    bad = [v for v in values if not 0 < v <= 100]
+    if bad or not values:
+        raise ValueError(f"--budgets: every budget is a percentage above 0 and at most 100; got {text!r}")
+    return sorted(set(values))
+
+
+def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, results: dict, version: str) -> None:
+    """`--into-rankings`: the results as the artifact's evaluation.json, with the split they came from."""
+    from . import rankings
+    from .files import digest
+
+    if artifact.source and artifact.source.get("commit"):
+        raise ValueError("--into-rankings writes into a local artifact folder; this one came from the Hub. "
+                         "Download it (or use the folder you pushed) and rerun, then `push` it again")
+    images = sorted({str(item.image_path) for items in task_items.values() for item in items})
+    doc = {"split": {"file": str(Path(args.data)), "digest": digest(_image_digests(images)),
+                     "items": {task: len(items) for task, items in task_items.items()}},
+           "seed": args.seed, "n_negatives": args.n_negatives, "created_with": f"hones_core {version}", **results}
+    doc["budgets_pct"] = results.get("budgets_pct", [args.top_ratio * 100])
+    if "drops" not in results:      # the one budget that was run
+        key = f"{args.top_ratio * 100:g}"
+        doc["drops"] = {task: {m: {key: drop} for m, drop in by_method.items()}
+                        for task, by_method in results["tasks"].items()}
+    doc["cross"] = results.get("cross_ablation", {})
+    doc["groups"] = results.get("cross")
+    rankings.save_evaluation(args.rankings, doc)
+
+
+def _image_digests(paths: list[str]) -> list[str]:
+    from .files import bytes_digest
+
+    return [bytes_digest(Path(p).read_bytes()) for p in paths]
 
 
 def cmd_steer(args: argparse.Namespace) -> dict:
@@ -260,7 +304,15 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
     p.add_argument("--methods", default="hones,activation,dvp,random")
     p.add_argument("--top-ratio", type=float, default=0.01)
-    p.add_argument("--cross", action="store_true", help="also Jaccard overlaps and cross-task group masking")
+    p.add_argument("--budgets", default=None,
+                   help="also every method at each of these budgets, in %% (e.g. 0.5,1,2,5,10): budget curves")
+    p.add_argument("--cross", action="store_true",
+                   help="also the 4 x 4 cross-ablation matrix per method (task A's set masked, drop on task B), "
+                        "with its specificity, the Jaccard overlaps and cross-task group masking")
+    p.add_argument("--into-rankings", action="store_true",
+                   help="store the results in the (local) artifact as evaluation.json, shown by its card and the app")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use rankings computed for another Hub model of the same shapes (recorded in the results)")
     p.add_argument("--json", default=None)
     _add_placement(p)
     p.set_defaults(func=cmd_mask_eval)

@@ -101,4 +101,43 @@ def specificity(matrix: Sequence[Sequence[float]]) -> float | None:
     return diagonal - off
 
 
-__all__ = ["drop", "evaluate_selections", "budget_curves", "budget_key", "cross_ablation", "specificity"]
+
+def report(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, *, methods: Sequence[str],
+           ratio: float, budgets_pct: Sequence[float] = (), cross: bool = False, seed: int = 0, batch_size: int = 32,
+           shard: Shard = Shard()) -> dict:
+    """What `mask-eval` prints (and, with `--into-rankings`, stores as evaluation.json).
+
+    Returns:
+        `{"ratio", "tasks": {task: {method: drop}}}` at `ratio`; with `budgets_pct`,
+        `"budgets_pct"` and `"drops": {task: {method: {budget: drop}}}`; with `cross`, the Jaccard
+        overlaps and cross-task groups of the HONES sets (`"jaccard"`, `"cross"`) and, per method, the
+        cross-ablation matrix at `ratio` (`"cross_ablation": {method: {"tasks", "matrix", "specificity"}}`).
+    """
+    from .selection import jaccard, overlap_groups
+
+    out: dict = {"ratio": ratio, "methods": list(methods), "tasks": {}}
+    for task, items in items_by_task.items():
+        ranking = artifact.task(task)
+        selections = {m: ranking.select(m, ratio, seed=seed) for m in methods}
+        out["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=batch_size, shard=shard)
+        shortfall = ranking.shortfall("hones", ratio)
+        if shortfall and "hones" in methods:
+            out["tasks"][task]["hones"]["shortfall"] = shortfall
+    if budgets_pct:
+        out["budgets_pct"] = [float(b) for b in budgets_pct]
+        out["drops"] = {task: budget_curves(vlm, items, artifact.task(task), methods, budgets_pct, seed=seed,
+                                            batch_size=batch_size, shard=shard)
+                        for task, items in items_by_task.items()}
+    if cross:
+        hones = {task: artifact.task(task).select("hones", ratio) for task in items_by_task}
+        out["jaccard"] = {a: {b: jaccard(hones[a], hones[b]) for b in hones} for a in hones}
+        out["cross"] = {task: evaluate_selections(vlm, items_by_task[task], groups, batch_size=batch_size,
+                                                  shard=shard)
+                        for task, groups in overlap_groups(hones).items()}
+        out["cross_ablation"] = {m: cross_ablation(vlm, items_by_task, artifact, m, ratio, seed=seed,
+                                                   batch_size=batch_size, shard=shard) for m in methods}
+    return out
+
+
+__all__ = ["drop", "evaluate_selections", "budget_curves", "budget_key", "cross_ablation", "specificity",
+           "report"]

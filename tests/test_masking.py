@@ -2,6 +2,8 @@ import pytest
 
 from hones_core.masking import drop, evaluate_selections
 
+from conftest import ASSETS
+
 
 def test_drop_is_absolute_and_relative():
     assert drop(0.8, 0.6) == pytest.approx({"base": 0.8, "masked": 0.6, "abs_drop": 0.2, "rel_drop": 25.0})
@@ -47,3 +49,38 @@ def test_budget_curves_and_cross_ablation_match_separate_runs(toy_vlm, toy_items
             assert cross["matrix"][i][j] == pytest.approx(alone["a"]["rel_drop"])
     m = cross["matrix"]
     assert cross["specificity"] == pytest.approx((m[0][0] + m[1][1]) / 2 - (m[0][1] + m[1][0]) / 2)
+
+
+def test_mask_eval_budgets_cross_and_into_rankings(toy_world, app_rankings, tmp_path, capsys):
+    """The CLI end to end: budget curves, the 4 x 4 matrix, and evaluation.json stored in the artifact."""
+    import json
+    import shutil
+
+    from hones_core import cli, rankings
+
+    artifact_dir = tmp_path / "rankings"
+    shutil.copytree(app_rankings, artifact_dir)
+    base = ["mask-eval", "--model", str(ASSETS / "toy-vlm"), "--device", "cpu", "--rankings", str(artifact_dir),
+            "--task", "all", "--data", str(toy_world / "discovery.json"), "--limit", "4", "--n-negatives", "4",
+            "--batch-size", "16"]
+    assert cli.main([*base, "--methods", "hones,random", "--budgets", "5,1", "--cross", "--into-rankings"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["budgets_pct"] == [1.0, 5.0]
+    assert set(printed["drops"]) == set(printed["tasks"]) == {"vqa", "ocr", "caption", "retrieval"}
+    # the 1 % column of the curves is the plain 1 % evaluation (the same rows, another batch)
+    for task, by_method in printed["tasks"].items():
+        for method, drop in by_method.items():
+            assert printed["drops"][task][method]["1"]["rel_drop"] == pytest.approx(drop["rel_drop"])
+    matrix = printed["cross_ablation"]["hones"]["matrix"]
+    assert len(matrix) == 4 and all(len(row) == 4 for row in matrix)
+    diagonal = [printed["tasks"][t]["hones"]["rel_drop"] for t in printed["cross_ablation"]["hones"]["tasks"]]
+    assert [matrix[i][i] for i in range(4)] == pytest.approx(diagonal)        # A's set on A = the plain drop
+    stored = rankings.load(artifact_dir).evaluation
+    assert stored["drops"] == printed["drops"] and stored["cross"] == printed["cross_ablation"]
+    assert stored["split"]["items"] == {"vqa": 4, "ocr": 4, "caption": 4, "retrieval": 4}
+    assert len(stored["split"]["digest"]) == 16
+    assert "## Stored evaluation" in (artifact_dir / "README.md").read_text()
+    with pytest.raises(ValueError, match="--budgets: every budget is a percentage above 0 and at most 100"):
+        cli.main([*base, "--budgets", "0,1"])
+    with pytest.raises(ValueError, match="the rankings' vqa task has no ap; available: hones"):
+        cli.main([*base, "--methods", "hones,ap"])
