@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .tasks import TASKS
+from . import __version__, presets
+from .presets import PRESETS
+from .tasks import N_NEGATIVES, TASKS
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +26,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="image folder (default: images/ next to the data file)")
     p.add_argument("--limit", type=int, default=None, help="use the first N items of each task")
     p.add_argument("--seed", type=int, default=0, help="seed for retrieval negatives")
-    p.add_argument("--n-negatives", type=int, default=9, help="hard negatives per retrieval item")
+    p.add_argument("--n-negatives", type=int, default=N_NEGATIVES,
+                   help=f"hard negatives per retrieval item (default {N_NEGATIVES}, the paper's; each costs one "
+                        f"forward row per item)")
     p.add_argument("--batch-size", type=int, default=16)
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="the paper's protocol: every value the official config sets (K_h, ratio, limits, seed "
+                        "3407, 49 retrieval negatives, ...); flags given here override it (hones_core/presets.py)")
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
@@ -74,12 +83,13 @@ def _load(args: argparse.Namespace):
                     trust_remote_code=args.trust_remote_code)
 
 
-def _task_items(args: argparse.Namespace, data_file: str | None = None) -> dict:
+def _task_items(args: argparse.Namespace, data_file: str | None = None, limit: int | None = None) -> dict:
     from .data import read_records
     from .tasks import items_for_task
 
     records = read_records(data_file or args.data, args.images)
-    return {task: items_for_task(task, records, n_negatives=args.n_negatives, seed=args.seed, limit=args.limit)
+    limit = args.limit if limit is None else limit
+    return {task: items_for_task(task, records, n_negatives=args.n_negatives, seed=args.seed, limit=limit)
             for task in _tasks(args.task)}
 
 
@@ -90,7 +100,7 @@ def cmd_rank(args: argparse.Namespace) -> dict:
     params = RankParams(utility=args.utility, top_heads=args.top_heads, top_ratio=args.top_ratio, limit=args.limit,
                         seed=args.seed, n_negatives=args.n_negatives, batch_size=args.batch_size)
     artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params, shard=shard)
-    summary = {"out": args.out, "model": vlm.name, "processes": shard.count, "tasks": {
+    summary = {"out": args.out, "model": vlm.name, "processes": shard.count, "preset": args.preset_info, "tasks": {
         task: {"top_heads": [list(h) for h in r.top_heads], "fallback": r.fallback,
                "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values())}
         for task, r in artifact.tasks.items()}}
@@ -118,6 +128,7 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     results = report(vlm, task_items, artifact, methods=methods, ratio=args.top_ratio, budgets_pct=budgets,
                      cross=args.cross, seed=args.seed, batch_size=args.batch_size, shard=shard)
     results["processes"] = shard.count
+    results["preset"] = args.preset_info
     if other_model:
         results["other_model"] = other_model
     if shard.is_main:
@@ -183,12 +194,16 @@ def cmd_steer(args: argparse.Namespace) -> dict:
                          "(pull the Hub repo to a folder first, or copy <out>/<task>/scales.safetensors yourself)")
     vlm = _load(args)
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
-    rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
+    other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
+                                         allow_other_model=args.allow_other_model)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    cfg = SteerConfig(epochs=args.epochs, seed=args.seed)
-    dev, test = _task_items(args, args.dev), _task_items(args, args.test)
+    cfg = SteerConfig(epochs=args.epochs, seed=args.seed, lr=args.lr)
+    dev, test = _task_items(args, args.dev, args.dev_limit), _task_items(args, args.test, args.test_limit)
     info = {"dev_file": str(Path(args.dev).resolve()), "test_file": str(Path(args.test).resolve()),
             "limit": args.limit, "n_negatives": args.n_negatives}
+    # recorded only where used, so the results of runs without them keep resuming
+    info.update({k: v for k, v in (("dev_limit", args.dev_limit), ("test_limit", args.test_limit),
+                                   ("preset", args.preset_info), ("other_model", other_model)) if v is not None})
     docs = []
     for task in dev:
         ranking = artifact.task(task)
@@ -285,7 +300,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("rank", help="score heads and rank neurons (HONES); writes a rankings artifact")
+    p = sub.add_parser("rank", help="score heads and rank neurons (HONES); writes a rankings artifact",
+                       allow_abbrev=False)
     add_model_arguments(p)
     _add_data(p)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
@@ -294,9 +310,10 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--top-heads", type=int, default=None, help="K_h (default: 3%% of all heads, at least 4)")
     p.add_argument("--top-ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
     _add_placement(p)
+    _add_preset(p)
     p.set_defaults(func=cmd_rank)
 
-    p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked")
+    p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked", allow_abbrev=False)
     add_model_arguments(p)
     _add_data(p)
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
@@ -315,10 +332,11 @@ def _add_model_commands(sub) -> None:
                    help="use rankings computed for another Hub model of the same shapes (recorded in the results)")
     p.add_argument("--json", default=None)
     _add_placement(p)
+    _add_preset(p)
     p.set_defaults(func=cmd_mask_eval)
 
     p = sub.add_parser("steer", help="fixed, grid-searched and learned neuron scaling; chosen on dev, "
-                                     "reported on test")
+                                     "reported on test", allow_abbrev=False)
     add_model_arguments(p)
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
@@ -329,13 +347,22 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--method", default="all", choices=["fixed", "grid", "learned", "learned-nokl", "random", "all"])
     p.add_argument("--out", required=True, help="results folder (also holds progress; rerun to resume)")
     p.add_argument("--limit", type=int, default=None, help="use the first N items of each split and task")
+    p.add_argument("--dev-limit", type=int, default=None, help="the first N dev items of each task (overrides --limit)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="the first N test items of each task (overrides --limit)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of learned scaling (default 2)")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="learning rate of learned scaling (default 5e-4, the paper's; see README for small models)")
     p.add_argument("--ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed for retrieval negatives, example order, RandNeuron")
-    p.add_argument("--n-negatives", type=int, default=9)
+    p.add_argument("--n-negatives", type=int, default=N_NEGATIVES,
+                   help=f"hard negatives per retrieval item of the test split (default {N_NEGATIVES})")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (training uses batch 1)")
     p.add_argument("--into-rankings", action="store_true",
                    help="also store the learned scales in the (local) rankings artifact as <task>/scales.safetensors")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use rankings computed for another Hub model of the same shapes (recorded in the results)")
+    _add_preset(p)
     p.set_defaults(func=cmd_steer)
 
 
@@ -398,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         args.benchmark_args = rest      # the benchmark's own parser reads and checks them
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")   # what parse_args says
+    args.preset_info = presets.apply(args, sys.argv[1:] if argv is None else argv)
     ok = False
     try:
         args.func(args)
