@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
                      *(["--trust-remote-code"] if args.trust_remote_code else [])]
         return bench_processes(rank_args, counts, n_items=len(items), workdir=args.processes_workdir)
     vlm = load_vlm(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, compat=args.compat)
     return bench_rank(vlm, items, batch_size=args.batch_size)
 
 

@@ -19,6 +19,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help="run code from the model repo (off by default)")
+    p.add_argument("--compat", default="ours", choices=["ours", "official"],
+                   help="official: the official release's input choices (LLaVA's hand-written prompt, DVP targets "
+                        "encoded bare), to reproduce its numbers; ours (default) uses the chat template and the "
+                        "tokens the model emits (README, 'Compatibility with the official release')")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -54,7 +58,7 @@ def _shard(args: argparse.Namespace):
     placement = distributed.device_placement(shard, device=args.device, device_map=args.device_map,
                                              gpus_per_process=args.gpus_per_process)
     vlm = load_vlm(args.model, revision=args.revision, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                   **placement)
+                   compat=args.compat, **placement)
     return shard, vlm
 
 
@@ -80,7 +84,7 @@ def _load(args: argparse.Namespace):
     from .models import load_vlm
 
     return load_vlm(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, compat=args.compat)
 
 
 def _task_items(args: argparse.Namespace, data_file: str | None = None, limit: int | None = None) -> dict:

@@ -70,7 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str | None = None,
              dtype: str | torch.dtype = "auto", *, trust_remote_code: bool = False, device_map: str | None = None,
-             max_memory: dict | None = None) -> VLM:
+             max_memory: dict | None = None, compat: str = "ours") -> VLM:
     """Load a supported VLM and its processor.
 
     Args:
@@ -81,6 +81,7 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
         trust_remote_code: run code from the model repo; off unless you ask for it.
         device_map, max_memory: "auto" splits the model over the GPUs that `max_memory` lists
             (all visible ones when it is None), through transformers/accelerate; `device` must be None.
+        compat: "ours" (default) or "official": the official release's input choices (`VLM`).
 
     Raises:
         ModelLoadError: the id/directory does not exist, is unreachable, or is not an image-text model.
@@ -114,7 +115,26 @@ def load_vlm(name_or_path: str | Path, revision: str | None = None, device: str 
     if device_map is None:
         model.to(device)
     model.eval()
-    return VLM(model, processor, name=source, revision=revision)
+    return VLM(model, processor, name=source, revision=revision, compat=compat)
+
+
+COMPAT = ("ours", "official")
+OFFICIAL_FAMILIES = ("llava", "qwen2.5-vl")      # the two the official release runs
+
+
+def check_compat(compat: str, family: str, name: str = "") -> str:
+    """`compat`, if this family has it.
+
+    Raises:
+        ValueError: an unknown mode, or the official mode for a family the official release never ran.
+    """
+    if compat not in COMPAT:
+        raise ValueError(f"compat must be one of {', '.join(COMPAT)}, not {compat!r}")
+    if compat == "official" and family not in OFFICIAL_FAMILIES:
+        raise ValueError(f"--compat official reproduces the official release, which runs only "
+                         f"{' and '.join(OFFICIAL_FAMILIES)}; {name or 'this model'} is {family!r} — use the "
+                         f"default (ours)")
+    return compat
 
 
 class VLM:
@@ -125,9 +145,15 @@ class VLM:
         processor: its processor (tokenizer padding on the left).
         arch: where layers, heads and neurons are (`arch.Architecture`).
         name, revision: where it came from.
+        compat: "ours", or "official": the official release's input choices, to reproduce its
+            numbers. Its LLaVA prompt is hand-written (`USER: <image>\n{prompt}\nASSISTANT:`, not the
+            processor's chat template; for Qwen2.5-VL it used the chat template, as we do), and its
+            DVP targets are the text encoded bare (`tokenizer.encode(text, add_special_tokens=False)`,
+            special tokens dropped, at most 128), not the tokens the model would emit after the
+            assistant prefix (`target_token_ids`). Only those two families have an official mode.
     """
 
-    def __init__(self, model, processor, *, name: str = "", revision: str | None = None):
+    def __init__(self, model, processor, *, name: str = "", revision: str | None = None, compat: str = "ours"):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -139,7 +165,10 @@ class VLM:
         self._yes_no: tuple[int, int] | None = None
         if getattr(processor, "chat_template", None) is None:
             raise TemplateError(f"{name}: the processor has no chat template; HONES prompts need one")
+        # read off the model's own template, also in the official mode: it says how answers follow
         self.answer_separator, self.stop_token_id = self._read_template()
+        self.compat = check_compat(compat, self.arch.family.name, name)
+        self._chat_prompts.cache_clear()
 
     # ----- prompts and batches --------------------------------------------------------------
     @property
@@ -154,6 +183,8 @@ class VLM:
         return self._chat_prompts(prompt)
 
     def _render_chat_prompt(self, prompt: str) -> str:
+        if getattr(self, "compat", "ours") == "official" and self.arch.family.name == "llava":
+            return f"USER: {self.processor.image_token}\n{prompt}\nASSISTANT:"     # the official release's
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -219,6 +250,14 @@ class VLM:
         """The token ids the model emits for `answer` after the chat prompt of `prompt`."""
         ids = list(self._answer_ids(prompt, answer))
         return ids + [self.stop_token_id] if with_stop else ids
+
+    def target_token_ids(self, prompt: str, text: str) -> list[int]:
+        """The token ids of `text` as a DVP target (u_y): what the model would emit for it after the
+        prompt, or in the official mode the text encoded bare, special tokens dropped, at most 128."""
+        if self.compat == "official":
+            special = set(self.tokenizer.all_special_ids)
+            return [i for i in self.tokenizer.encode(text, add_special_tokens=False) if i not in special][:128]
+        return self.answer_token_ids(prompt, text)
 
     def _tokenize_answer(self, prompt: str, answer: str) -> tuple[int, ...]:
         chat = self.chat_prompt(prompt)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from PIL import Image
 
 from hones_core.interventions import Plan, intervene
 from hones_core.models import ModelLoadError, load_vlm
@@ -169,3 +170,28 @@ def test_yes_no_margins_are_logit_yes_minus_logit_no(family, tiny_vlm, images, p
     margins = vlm.yes_no_margins(real)
     assert margins.shape == (2,)
     assert torch.equal(margins, torch.stack([real[r, yes] - real[r, no] for r in range(2)]))
+
+
+def test_official_compat_mode_uses_the_official_prompt_and_bare_targets(tiny_vlm):
+    """--compat official: LLaVA's hand-written prompt and targets encoded bare; other families refused."""
+    from hones_core.models import VLM, check_compat
+
+    ours = tiny_vlm("llava")
+    official = VLM(ours.model, ours.processor, name="tiny-llava", compat="official")
+    prompt = "Question: What color?\nAnswer the question with a short phrase."
+    image_token = ours.processor.image_token
+    assert official.chat_prompt(prompt) == f"USER: {image_token}\n{prompt}\nASSISTANT:"
+    assert ours.chat_prompt(prompt) != official.chat_prompt(prompt)          # ours: the chat template
+    tok = ours.tokenizer
+    bare = [i for i in tok.encode("red circle", add_special_tokens=False) if i not in set(tok.all_special_ids)]
+    assert official.target_token_ids(prompt, "red circle") == bare
+    assert ours.target_token_ids(prompt, "red circle") == ours.answer_token_ids(prompt, "red circle")
+    assert (official.answer_separator, official.stop_token_id) == (ours.answer_separator, ours.stop_token_id)
+    # the official prompt goes through the processor like ours: generation and teacher forcing run
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert isinstance(official.generate([image], [prompt], max_new_tokens=3)[0], str)
+    assert torch.isfinite(official.answer_logprobs([image], [prompt], ["red"])).all()
+    with pytest.raises(ValueError, match="runs only llava and qwen2.5-vl; x is 'idefics3'"):
+        check_compat("official", "idefics3", "x")
+    with pytest.raises(ValueError, match="compat must be one of ours, official"):
+        check_compat("paper", "llava")
