@@ -92,7 +92,8 @@ def cmd_rank(args: argparse.Namespace) -> dict:
     artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params, shard=shard)
     summary = {"out": args.out, "model": vlm.name, "processes": shard.count, "tasks": {
         task: {"top_heads": [list(h) for h in r.top_heads], "fallback": r.fallback,
-               "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values())}
+               "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values()),
+               "methods": r.methods(), "notes": r.notes}
         for task, r in artifact.tasks.items()}}
     if shard.is_main:
         print(json.dumps(summary), flush=True)
@@ -108,7 +109,8 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
     rankings.check_against(artifact, vlm.arch, model_id=vlm.name)
     task_items = _task_items(args)
-    methods = args.methods.split(",")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _check_methods(artifact, list(task_items), methods)
     results: dict = {"ratio": args.top_ratio, "processes": shard.count, "tasks": {}}
     for task, items in task_items.items():
         ranking = artifact.task(task)
@@ -125,6 +127,22 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     return results
+
+
+def _check_methods(artifact, tasks: list[str], methods: list[str]) -> None:
+    """Refuse, before any evaluation, a method that some task's rankings do not carry (naming those they do)."""
+    from .errors import RankingsError
+
+    if not methods:
+        raise RankingsError("--methods is empty; give a comma-separated list such as hones,ap,ma,ape,random")
+    for task in tasks:
+        ranking = artifact.task(task)
+        unknown = [m for m in methods if m not in ranking.methods()]
+        if unknown:
+            hint = (" (ape is stored only by a rank run over all four tasks: --task all)" if "ape" in unknown
+                    else "")
+            raise RankingsError(f"--methods {','.join(unknown)}: not in the {task!r} rankings; available: "
+                                f"{', '.join(ranking.methods())}{hint}")
 
 
 def cmd_steer(args: argparse.Namespace) -> dict:
@@ -258,7 +276,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    p.add_argument("--methods", default="hones,activation,dvp,random")
+    p.add_argument("--methods", default="hones,activation,dvp,random",
+                   help="comma-separated ranking methods: hones, random and the artifact's baselines "
+                        "(activation, dvp, ap, ma, ape)")
     p.add_argument("--top-ratio", type=float, default=0.01)
     p.add_argument("--cross", action="store_true", help="also Jaccard overlaps and cross-task group masking")
     p.add_argument("--json", default=None)
