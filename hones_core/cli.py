@@ -102,11 +102,14 @@ def cmd_rank(args: argparse.Namespace) -> dict:
 
     shard, vlm = _shard(args)
     params = RankParams(utility=args.utility, top_heads=args.top_heads, top_ratio=args.top_ratio, limit=args.limit,
-                        seed=args.seed, n_negatives=args.n_negatives, batch_size=args.batch_size)
+                        seed=args.seed, n_negatives=args.n_negatives, batch_size=args.batch_size,
+                        compat=args.compat, preset=args.preset)
     artifact = rank(vlm, _task_items(args), args.out, data_file=args.data, params=params, shard=shard)
     summary = {"out": args.out, "model": vlm.name, "processes": shard.count, "preset": args.preset_info, "tasks": {
         task: {"top_heads": [list(h) for h in r.top_heads], "fallback": r.fallback,
-               "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values())}
+               "neurons": sum(len(v) for v in r.select("hones", args.top_ratio).values()),
+               "positive_importance": r.positive("hones"), "budget_shortfall": r.shortfall("hones", args.top_ratio),
+               "methods": r.methods(), "notes": r.notes}
         for task, r in artifact.tasks.items()}}
     if shard.is_main:
         print(json.dumps(summary), flush=True)
@@ -122,12 +125,9 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
                                          allow_other_model=args.allow_other_model)
     task_items = _task_items(args)
-    methods = args.methods.split(",")
-    for task in task_items:
-        unknown = [m for m in methods if m not in artifact.task(task).methods()]
-        if unknown:
-            raise ValueError(f"--methods: the rankings' {task} task has no {', '.join(unknown)}; available: "
-                             f"{', '.join(artifact.task(task).methods())}")
+    _check_held_out(artifact, task_items, args.data)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _check_methods(artifact, list(task_items), methods)
     budgets = _budgets(args.budgets)
     results = report(vlm, task_items, artifact, methods=methods, ratio=args.top_ratio, budgets_pct=budgets,
                      cross=args.cross, seed=args.seed, batch_size=args.batch_size, shard=shard)
@@ -142,6 +142,20 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
         if args.into_rankings:
             _store_evaluation(args, artifact, task_items, results, __version__)
     return results
+
+
+def _check_held_out(artifact, task_items: dict, data_file: str) -> None:
+    """Refuse a split that shares images with the artifact's discovery split (the manifest's digests)."""
+    from .pipeline import image_digests
+
+    discovery = set(artifact.data.get("image_digests") or [])
+    if not discovery:
+        return        # artifacts from before the digests were recorded: nothing to compare with
+    shared = discovery & set(image_digests(task_items))
+    if shared:
+        raise ValueError(f"{data_file} shares {len(shared)} image(s) with the discovery split these rankings were "
+                         f"computed on ({artifact.data.get('file')}); masking is measured on held-out data — use a "
+                         f"split of other images (e.g. `toy-data` with another --seed)")
 
 
 def _budgets(text: str | None) -> list[float]:
@@ -184,6 +198,22 @@ def _image_digests(paths: list[str]) -> list[str]:
     from .files import bytes_digest
 
     return [bytes_digest(Path(p).read_bytes()) for p in paths]
+
+
+def _check_methods(artifact, tasks: list[str], methods: list[str]) -> None:
+    """Refuse, before any evaluation, a method that some task's rankings do not carry (naming those they do)."""
+    from .errors import RankingsError
+
+    if not methods:
+        raise RankingsError("--methods is empty; give a comma-separated list such as hones,ap,ma,ape,random")
+    for task in tasks:
+        ranking = artifact.task(task)
+        unknown = [m for m in methods if m not in ranking.methods()]
+        if unknown:
+            hint = (" (ape is stored only by a rank run over all four tasks: --task all)" if "ape" in unknown
+                    else "")
+            raise RankingsError(f"--methods {','.join(unknown)}: not in the {task!r} rankings; available: "
+                                f"{', '.join(ranking.methods())}{hint}")
 
 
 def cmd_steer(args: argparse.Namespace) -> dict:
@@ -323,7 +353,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    p.add_argument("--methods", default="hones,activation,dvp,random")
+    p.add_argument("--methods", default="hones,activation,dvp,random",
+                   help="comma-separated ranking methods: hones, random and the artifact's baselines "
+                        "(activation, dvp, ap, ma, ape)")
     p.add_argument("--top-ratio", type=float, default=0.01)
     p.add_argument("--budgets", default=None,
                    help="also every method at each of these budgets, in %% (e.g. 0.5,1,2,5,10): budget curves")

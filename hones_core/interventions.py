@@ -25,7 +25,14 @@ Semantics (DESIGN.md section 3):
   heads' slices at that position (computed from the unmodified slices);
 - neuron i of layer l, scaling: z_i <- z_i * factor at every position, where z is the
   input of `down_proj`; factor 0 masks the neuron. `LearnedScale` gives z_i * (1 + s_i)
-  with a trainable tensor s.
+  with a trainable tensor s. The product is taken in float32 and cast back to the model's
+  dtype (in bfloat16, 1 + 0.003 rounds to 1: a small learned scale would do nothing), and
+  only on the edited neurons' columns, so every other value is left bitwise as it was.
+
+Captures (`intervene(..., capture=..., token_mask=...)`) record z after the plan's scaling
+in the first forward pass: at the last position, at every position, and/or as per-layer
+sums over the positions a token mask selects (`TokenStats`: how often z > 0 and Σ z, for
+the activation-statistics baselines AP and MA), without keeping `[batch, seq, intermediate]`.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import Architecture
+from .errors import UnsupportedModelError
 from .hooks import HookRegistry, RefCountedHooks, RowView, model_key, row_view
 
 
@@ -119,21 +127,40 @@ class Plan:
 
 
 @dataclass
+class TokenStats:
+    """Per-layer sums over the token positions a mask selects (padding left out).
+
+    Attributes:
+        positive: layer -> `[intermediate]` float64, the number of selected positions with z > 0.
+        total: layer -> `[intermediate]` float64, Σ z over the selected positions.
+        tokens: how many positions the mask selects (the same for every layer).
+    """
+    positive: dict[int, torch.Tensor] = field(default_factory=dict)
+    total: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+
+@dataclass
 class Capture:
     """What an `intervene` block recorded: FFN activations z of the first forward pass.
 
     `neurons[layer]` is `[batch, intermediate]` at the last position when capturing "last",
-    `[batch, seq, intermediate]` when capturing "all"; values are after the plan's scaling.
+    `[batch, seq, intermediate]` when capturing "all" (nothing when `positions` is None);
+    `stats` holds the token-mask sums when a token mask was given. Values are after the
+    plan's scaling.
     """
-    positions: str
+    positions: str | None
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats: TokenStats | None = None
+    token_mask: torch.Tensor | None = None       # bool [batch, seq]: the positions `stats` sums over
 
 
 @dataclass
 class _Compiled:
     rows: int                                    # 1 = broadcast over the batch
     heads: dict[int, torch.Tensor]               # layer -> bool [rows, num_heads]
-    neurons: dict[int, torch.Tensor]             # layer -> float [rows, intermediate]
+    neurons: dict[int, torch.Tensor]             # layer -> float32 [rows, edited]: multipliers of the edited columns
+    columns: dict[int, torch.Tensor]             # layer -> long [edited]: the neurons some plan edits there
     capture: Capture | None
     captured_layers: set[int] = field(default_factory=set)
     classes: dict[int, list[int]] = field(default_factory=dict)   # layer -> plan class per row (lazy)
@@ -217,18 +244,89 @@ class _Hooks(RefCountedHooks):
             result = None
             if layer in compiled.neurons:
                 _check_rows(compiled, x, layer, view)
-                table = _rows_of(compiled, compiled.neurons[layer], view)
-                x = x * table.to(device=x.device, dtype=x.dtype)[:, None, :]
+                x = _scaled(x, _rows_of(compiled, compiled.neurons[layer], view), compiled.columns[layer])
                 result = (x, *args[1:])
             capture = compiled.capture
             if capture is not None and layer not in compiled.captured_layers:
                 compiled.captured_layers.add(layer)
-                value = (x[:, -1, :] if capture.positions == "last" else x).detach()
-                if view is not None:      # the layer ran on the distinct rows: give every row its copy
-                    value = value.index_select(0, view.inverse.to(value.device))
-                capture.neurons[layer] = value
+                if capture.positions is not None:
+                    value = (x[:, -1, :] if capture.positions == "last" else x).detach()
+                    if view is not None:      # the layer ran on the distinct rows: give every row its copy
+                        value = value.index_select(0, view.inverse.to(value.device))
+                    capture.neurons[layer] = value
+                if capture.stats is not None:
+                    _add_token_stats(capture, layer, x.detach(), view)
             return result
         return hook
+
+
+def _scaled(x: torch.Tensor, table: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """z with the edited columns multiplied: x `[b, s, I]`, table `[rows, edited]`, columns `[edited]`.
+
+    The product is taken in float32 and cast back to x's dtype: in bfloat16 1 + 0.003 is 1.0,
+    so a small (learned) scale multiplied in the model's dtype would have no effect. Only the
+    edited columns are cast, so the extra memory is `[b, s, edited]`, not `[b, s, I]`, and
+    every other value is copied unchanged. Out of place, so gradients reach a learned scale.
+    """
+    columns = columns.to(x.device)
+    part = x.index_select(2, columns).float() * table.to(x.device)[:, None, :]
+    return x.index_copy(2, columns, part.to(x.dtype))
+
+
+# elements of z that `token_sums` takes at a time: float32 copy, float32 counts and masked values
+# (3 x 64 MiB) and a bool mask (16 MiB) at most, whatever the batch size
+STATS_CHUNK = 1 << 24
+
+
+def token_sums(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ [z > 0] and Σ z over the positions `mask` selects, each `[I]` float64 on x's device.
+
+    Args:
+        x: FFN activations z, `[rows, seq, I]` (any float dtype).
+        mask: `[rows, seq]`, nonzero at the positions to count (the attention mask: padding is 0).
+        weights: `[rows]`, how many times each row counts (rows standing for several batch rows).
+
+    Rows are taken a few at a time so the float32 temporaries stay near `STATS_CHUNK` elements
+    whatever the batch size; each chunk's sums are float32 over at most `seq` values per row,
+    then added in float64.
+    """
+    keep_all = mask.to(x.device) != 0
+    positive = torch.zeros(x.shape[2], dtype=torch.float64, device=x.device)
+    total = torch.zeros_like(positive)
+    step = max(1, STATS_CHUNK // max(1, x.shape[1] * x.shape[2]))
+    for start in range(0, x.shape[0], step):
+        keep = keep_all[start:start + step, :, None]                               # [r, s, 1]
+        z = x[start:start + step].float()                                          # [r, s, I]
+        # counted in float32 (exact: at most `seq` per entry); summing the bool as is would make an
+        # int64 copy of [r, s, I], twice the float32 one
+        counts = (keep & (z > 0)).float().sum(1).double()                          # [r, I]
+        # torch.where, not a product with the mask: padding positions may hold inf/NaN
+        sums = torch.where(keep, z, 0.0).sum(1).double()                           # [r, I]
+        if weights is not None:
+            w = weights[start:start + step, None].to(x.device, torch.float64)
+            counts, sums = counts * w, sums * w
+        positive += counts.sum(0)
+        total += sums.sum(0)
+    return positive, total
+
+
+def _add_token_stats(capture: Capture, layer: int, x: torch.Tensor, view: RowView | None) -> None:
+    """Record layer `layer`'s `token_sums` over the capture's token mask in `capture.stats`.
+
+    x is `[rows, seq, I]`, the rows that ran: with a row view, each kept row stands for as
+    many batch rows as map to it, and counts that many times.
+    """
+    mask, weights = capture.token_mask, None
+    if view is not None:
+        mask = mask.index_select(0, view.keep.to(mask.device))
+        weights = torch.bincount(view.inverse.cpu(), minlength=view.keep.shape[0])
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise UnsupportedModelError(
+            f"layer {layer}: the FFN ran on {list(x.shape[:2])} (rows, positions) but the token mask is "
+            f"{list(mask.shape)}; this model changes the sequence inside the decoder (e.g. expands image "
+            "tokens itself), so token statistics cannot be matched to the attention mask")
+    capture.stats.positive[layer], capture.stats.total[layer] = token_sums(x, mask, weights)
 
 
 def _rows_of(compiled: _Compiled, table: torch.Tensor, view: RowView | None) -> torch.Tensor:
@@ -256,6 +354,7 @@ def _compile(arch: Architecture, plans: Plan | Sequence[Plan | None], capture: C
         raise ValueError("no plans given: pass one Plan, or one Plan (or None) per batch row")
     heads: dict[int, torch.Tensor] = {}
     neuron_rows: dict[int, list[torch.Tensor]] = {}
+    edited: dict[int, set[int]] = {}
     for r, plan in enumerate(rows):
         for layer, head in plan.heads:
             _check_index("layer", layer, arch.num_layers)
@@ -268,10 +367,16 @@ def _compile(arch: Architecture, plans: Plan | Sequence[Plan | None], capture: C
                 raise ValueError(f"layer {edit.layer}: neuron indices must lie in [0, {arch.intermediate_size}); "
                                  f"got {index.min().item()}..{index.max().item()}")
             table = neuron_rows.setdefault(edit.layer, [torch.ones(arch.intermediate_size) for _ in rows])
+            edited.setdefault(edit.layer, set()).update(index.tolist())
             # out of place, so the gradient of a learned scale flows through
             table[r] = table[r].index_put((index,), table[r][index] * edit.multipliers().to(torch.float32))
-    neurons = {layer: torch.stack(table) for layer, table in neuron_rows.items()}
-    return _Compiled(rows=len(rows), heads=heads, neurons=neurons, capture=capture)
+    neurons, columns = {}, {}
+    for layer, table in neuron_rows.items():
+        # the hook multiplies only the neurons some plan edits (also those with multiplier 1, e.g. a
+        # learned scale still at 0: its gradient must flow)
+        columns[layer] = torch.tensor(sorted(edited[layer]), dtype=torch.long)
+        neurons[layer] = torch.stack(table).index_select(1, columns[layer])
+    return _Compiled(rows=len(rows), heads=heads, neurons=neurons, columns=columns, capture=capture)
 
 
 def _check_index(what: str, value: int, size: int) -> None:
@@ -281,7 +386,7 @@ def _check_index(what: str, value: int, size: int) -> None:
 
 @contextmanager
 def intervene(arch: Architecture, plans: Plan | Sequence[Plan | None] = Plan(), *,
-              capture: str | None = None) -> Iterator[Capture | None]:
+              capture: str | None = None, token_mask: torch.Tensor | None = None) -> Iterator[Capture | None]:
     """Apply `plans` to every forward pass of `arch`'s model inside the block.
 
     Args:
@@ -289,13 +394,24 @@ def intervene(arch: Architecture, plans: Plan | Sequence[Plan | None] = Plan(), 
         plans: one `Plan` for every batch row, or a sequence with one `Plan` (or None) per row.
         capture: None, "last" or "all": record the FFN activations z (after scaling) of the
             first forward pass in the block (when generating: the prompt pass).
+        token_mask: `[batch, seq]` (the batch's `attention_mask`): also sum, per layer, how often
+            z > 0 and Σ z over the positions where it is nonzero, in the first forward pass
+            (`Capture.stats`). Costs 2 x `[intermediate]` float64 per layer, plus temporaries
+            of about 13 bytes x `STATS_CHUNK` (~210 MiB) while a layer's sums are taken (`token_sums`).
 
     Yields:
-        The `Capture` when `capture` is set, else None.
+        The `Capture` when `capture` or `token_mask` is set, else None.
     """
     if capture not in (None, "last", "all"):
         raise ValueError(f"capture must be None, 'last' or 'all', not {capture!r}")
-    record = Capture(capture) if capture else None
+    record = None
+    if capture or token_mask is not None:
+        record = Capture(capture)
+        if token_mask is not None:
+            if token_mask.dim() != 2:
+                raise ValueError(f"token_mask must be [batch, seq], got shape {list(token_mask.shape)}")
+            record.token_mask = token_mask.detach() != 0
+            record.stats = TokenStats(tokens=int(record.token_mask.sum()))
     compiled = _compile(arch, plans, record)
     with _PLANS.open(arch.layers[0].o_proj, lambda: _Hooks(arch), compiled):
         yield record

@@ -11,29 +11,33 @@ Several processes (`accelerate launch`, see `distributed`): every process reads 
 progress folder (it must be on a file system they share), only the main process writes it,
 and what it records are sums over all processes, so a run may be resumed with another
 number of processes.
+
+Baselines: `attribute` gives each task "activation", "dvp", "ap" and "ma"; "ape" compares the
+four tasks' AP, so it is added to every task only when one run ranks all four (`--task all`);
+otherwise no task gets it and each task's notes say why. The base plan's saved sums carry
+the AP / MA token sums; sums saved without them (an older version) make that plan run again.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__, rankings
-from .attribution import Sums, attribute
+from .attribution import Sums, ape_scores, attribute
 from .distributed import Shard
 from .errors import ProgressMismatchError
+from .evaluation import MAX_NEW_TOKENS
 from .files import atomic_write, bytes_digest
 from .localization import default_top_heads, score_heads
 from .models import VLM
-from .tasks import TaskItem
-
-
+from .tasks import N_NEGATIVES, TASKS, TaskItem
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,10 @@ class RankParams:
     top_ratio: float = 0.01
     limit: int | None = None
     seed: int = 0
-    n_negatives: int = 9
+    n_negatives: int = N_NEGATIVES
     batch_size: int = 32
+    compat: str = "ours"              # models.VLM: "official" reproduces the official release's inputs
+    preset: str | None = None         # presets.PRESETS name the values came from (recorded only)
 
 
 class Progress:
@@ -76,15 +82,24 @@ class Progress:
     def save_sums(self, task: str, index: int, sums: Sums) -> None:
         if not self.write:
             return
-        data = save({"contributions": sums.contributions.contiguous(),
-                     "abs_activation": sums.abs_activation.contiguous()}, metadata={"n": str(sums.n)})
-        atomic_write(self.dir / f"{task}-sums-{index}.safetensors", data)
+        tensors = {"contributions": sums.contributions.contiguous(), "abs_activation": sums.abs_activation.contiguous()}
+        metadata = {"n": str(sums.n)}
+        if sums.has_token_stats:
+            tensors.update(positive=sums.positive.contiguous(), activation_sum=sums.activation_sum.contiguous())
+            metadata["tokens"] = str(sums.tokens)
+        atomic_write(self.dir / f"{task}-sums-{index}.safetensors", save(tensors, metadata=metadata))
 
     def load_sums(self, task: str) -> dict[int, Sums]:
+        """Saved sums by plan index; token statistics are None where the file has none (older runs)."""
         out = {}
         for index in self.task(task)["plans"]:
             with safe_open(str(self.dir / f"{task}-sums-{index}.safetensors"), "pt") as f:
-                out[index] = Sums(f.get_tensor("contributions"), f.get_tensor("abs_activation"), int(f.metadata()["n"]))
+                keys, meta = set(f.keys()), f.metadata()
+                stats = {"positive", "activation_sum"} <= keys and "tokens" in meta
+                out[index] = Sums(f.get_tensor("contributions"), f.get_tensor("abs_activation"), int(meta["n"]),
+                                  f.get_tensor("positive") if stats else None,
+                                  f.get_tensor("activation_sum") if stats else None,
+                                  int(meta["tokens"]) if stats else 0)
         return out
 
 
@@ -118,7 +133,8 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
 
     def plan_done(index: int, sums: Sums) -> None:
         progress.save_sums(task, index, sums)
-        state["plans"].append(index)
+        if index not in state["plans"]:        # a plan run again (its old sums lacked token statistics)
+            state["plans"].append(index)
         progress.save(arguments)
 
     result = attribute(vlm, items, top, head_scores.scores, batch_size=params.batch_size,
@@ -127,6 +143,27 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
              if result.fallback else "")
     return rankings.TaskRanking(task=task, head_scores=head_scores.scores, importance=result.importance,
                                 top_heads=top, baselines=result.baselines, fallback=result.fallback, notes=notes)
+
+
+def with_ape(results: Mapping[str, rankings.TaskRanking]) -> dict[str, rankings.TaskRanking]:
+    """Add the "ape" baseline to every task when all four tasks' AP are there; else a note saying why.
+
+    APE is computed from the stored float32 AP matrices, so it can be recomputed from the artifact.
+    """
+    missing = [t for t in TASKS if t not in results or "ap" not in results[t].baselines]
+    if not missing:
+        scores = ape_scores({t: results[t].baselines["ap"] for t in TASKS})
+        return {t: replace(r, baselines={**r.baselines, "ape": scores[t]}) for t, r in results.items()}
+    note = (f"APE not computed: it compares the activation probabilities (AP) of all {len(TASKS)} tasks "
+            f"({', '.join(TASKS)}) from one rank run (--task all); missing here: {', '.join(missing)}.")
+    return {t: replace(r, notes=f"{r.notes} {note}".strip()) for t, r in results.items()}
+
+
+def image_digests(task_items: dict[str, Sequence[TaskItem]]) -> list[str]:
+    """sha256 (16 hex digits) of every distinct image file of the items, sorted: what `mask-eval`
+    compares a held-out split with, so discovery images cannot be evaluated on by mistake."""
+    paths = sorted({str(item.image_path) for items in task_items.values() for item in items})
+    return sorted({bytes_digest(Path(p).read_bytes(), length=16) for p in paths})
 
 
 def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *, data_file: str,
@@ -143,12 +180,14 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
     for task, items in task_items.items():
         results[task] = rank_task(vlm, items, params, progress, arguments,
                                   show_progress=show_progress and shard.is_main, shard=shard)
+    results = with_ape(results)
     model = rankings.ModelInfo.from_arch(vlm.arch, id=vlm.name, revision=vlm.revision)
     artifact = rankings.Rankings(
         model=model, tasks=results,
-        params={**asdict(params), "top_heads": params.top_heads or default_top_heads(vlm.arch.num_layers,
-                                                                                     vlm.arch.num_heads)},
-        data={"file": Path(data_file).name, "items": {t: len(i) for t, i in task_items.items()}},
+        params={**asdict(params), "max_new_tokens": MAX_NEW_TOKENS,
+                "top_heads": params.top_heads or default_top_heads(vlm.arch.num_layers, vlm.arch.num_heads)},
+        data={"file": Path(data_file).name, "items": {t: len(i) for t, i in task_items.items()},
+              "image_digests": image_digests(task_items)},
         created_with=f"hones_core {__version__}")
     if shard.is_main:
         rankings.save(artifact, out)

@@ -127,10 +127,12 @@ def test_one_and_two_processes_give_the_same_rankings_even_after_a_kill(ranked):
         a, b = one.tasks[task], two.tasks[task]
         torch.testing.assert_close(a.head_scores, b.head_scores, rtol=0, atol=1e-6)
         torch.testing.assert_close(a.importance, b.importance, rtol=0, atol=1e-6)
+        # the paper's baselines too: AP / MA token sums are reduced like the DVP sums, APE from all four APs
+        assert set(a.baselines) == set(b.baselines) == {"activation", "dvp", "ap", "ma", "ape"}
         for name in a.baselines:
             torch.testing.assert_close(a.baselines[name], b.baselines[name], rtol=0, atol=1e-6)
         assert a.top_heads == b.top_heads
-        for method in ("hones", "activation", "dvp", "random"):
+        for method in ("hones", "activation", "dvp", "ap", "ma", "ape", "random"):
             assert a.select(method, 0.01) == b.select(method, 0.01), (task, method)
     # the heads were really scored: some head changes every task's metric on these items
     assert all(float(one.tasks[t].head_scores.abs().max()) > 0 for t in one.tasks)

@@ -1,3 +1,4 @@
+import contextlib
 import threading
 
 import pytest
@@ -211,3 +212,94 @@ def test_plan_builders_write_the_edits_by_hand():
     assert torch.allclose(learned.neurons[0].multipliers(), torch.tensor([1.1, 0.8]))
     learned.neurons[1].multipliers().sum().backward()
     assert scale.grad.tolist() == [0.0, 0.0, 1.0]
+
+
+def _down_proj_inputs(vlm, call):
+    """`call()`'s result and what each layer's `down_proj` received (after our pre-hook), by layer."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        def hook(module, args, output):      # returns None: the output stays what it was
+            seen.setdefault(layer, args[0].detach().clone())
+        return hook
+    # a forward hook sees the arguments the module really ran on, i.e. after every pre-hook
+    handles = [layer.down_proj.register_forward_hook(record(layer.index)) for layer in vlm.arch.layers]
+    try:
+        result = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result, seen
+
+
+def test_small_scales_act_in_bfloat16_multiplied_in_float32(tiny_dir, images, prompts):
+    from hones_core.models import load_vlm
+
+    vlm = load_vlm(tiny_dir("llava"), device="cpu", dtype="bfloat16")
+    assert vlm.arch.layers[1].down_proj.weight.dtype == torch.bfloat16
+    # why: multiplied in bfloat16, the factor itself rounds to 1 and the scale would do nothing
+    assert torch.tensor(1.003, dtype=torch.bfloat16).item() == 1.0
+    # two different rows: nothing is shared between them, so the unsteered passes are the same computation
+    _, plain = _down_proj_inputs(vlm, lambda: vlm.next_token_logits(images, prompts))
+    z = plain[1]                                                           # [2, seq, I] bfloat16
+    columns = z[1, -1].float().abs().topk(8).indices.sort().values         # large activations of row 1
+    plan = Plan.scale_neurons({1: columns.tolist()}, 1.003)
+    _, steered = _down_proj_inputs(vlm, lambda: vlm.next_token_logits(images, prompts, plans=[None, plan]))
+    out = steered[1]
+    assert out.dtype == torch.bfloat16
+    expected = (z[1][:, columns].float() * torch.tensor(1.003, dtype=torch.float32)).to(torch.bfloat16)
+    assert torch.equal(out[1][:, columns], expected)
+    assert (expected != z[1][:, columns]).any()                            # the scale really moved some values
+    assert torch.equal(out[0], z[0])                                       # the unscaled row: bitwise untouched
+    others = torch.ones(z.shape[-1], dtype=torch.bool)
+    others[columns] = False
+    assert torch.equal(out[1][:, others], z[1][:, others])                 # unscaled neurons: bitwise untouched
+    assert torch.equal(steered[0], plain[0])                               # layer 0: no plan there
+
+
+def test_scaling_float32_models_is_unchanged_and_learned_scales_at_zero_keep_their_gradient(tiny_vlm, images,
+                                                                                           prompts):
+    vlm = tiny_vlm("llava")
+    _, plain = _down_proj_inputs(vlm, lambda: vlm.next_token_logits(images, prompts))
+    plan = Plan.scale_neurons({1: [3, 40]}, 2.5)
+    _, scaled = _down_proj_inputs(vlm, lambda: vlm.next_token_logits(images, prompts, plans=plan))
+    expected = plain[1].clone()
+    expected[..., [3, 40]] *= 2.5
+    assert torch.equal(scaled[1], expected)
+    # s = 0 leaves z as it is, yet the gradient reaches s (the edited columns are those listed, not those != 1)
+    scale = torch.zeros(2, requires_grad=True)
+    encoded = vlm.encode(images, prompts, ["a red circle", "Yes"])
+    with intervene(vlm.arch, Plan(neurons=(LearnedScale(1, (3, 40), scale),))):
+        logp, _ = vlm.token_logprobs(encoded)
+    (-logp.sum()).backward()
+    vlm.model.zero_grad(set_to_none=True)
+    assert scale.grad is not None and (scale.grad != 0).all()
+
+
+def test_token_stats_of_a_shared_prefix_count_every_row(tiny_vlm, images, prompts):
+    """With rows sharing a layer (the same input), each kept row counts once per row it stands for."""
+    vlm = tiny_vlm("llava")
+    rows_images, rows_prompts = [images[0], images[0], images[1]], [prompts[0], prompts[0], prompts[1]]
+    inputs = vlm.encode(rows_images, rows_prompts).inputs
+    mask = inputs["attention_mask"]
+    assert (mask == 0).any()                                  # left padding: some positions must not count
+
+    def run(shared: bool):
+        with torch.inference_mode(), intervene(vlm.arch, Plan(), capture="all", token_mask=mask) as cap, \
+                (vlm.sharing(3) if shared else contextlib.nullcontext()):
+            vlm.last_hidden(inputs)
+        return cap
+    shared, rows = _rows_per_layer(vlm, lambda: run(True))
+    assert rows == [2] * vlm.arch.num_layers                  # rows 0 and 1 ran once
+    alone = run(False)
+    assert shared.stats.tokens == alone.stats.tokens == int(mask.sum())
+    for layer in range(vlm.arch.num_layers):
+        # by hand from the full capture: every row, only where the mask is 1
+        z = alone.neurons[layer].double()
+        keep = mask.bool()[:, :, None]
+        positive = (keep & (z > 0)).sum((0, 1)).double()
+        total = torch.where(keep, z, 0.0).sum((0, 1))
+        torch.testing.assert_close(alone.stats.positive[layer], positive, rtol=0, atol=0)
+        torch.testing.assert_close(alone.stats.total[layer], total, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(shared.stats.positive[layer], positive, rtol=0, atol=2)   # rounding at z ~ 0
+        torch.testing.assert_close(shared.stats.total[layer], total, rtol=1e-5, atol=1e-4)

@@ -57,6 +57,7 @@ def test_mask_eval_budgets_cross_and_into_rankings(toy_world, app_rankings, tmp_
     import shutil
 
     from hones_core import cli, rankings
+    from hones_core.errors import RankingsError
 
     artifact_dir = tmp_path / "rankings"
     shutil.copytree(app_rankings, artifact_dir)
@@ -82,5 +83,5 @@ def test_mask_eval_budgets_cross_and_into_rankings(toy_world, app_rankings, tmp_
     assert "## Stored evaluation" in (artifact_dir / "README.md").read_text()
     with pytest.raises(ValueError, match="--budgets: every budget is a percentage above 0 and at most 100"):
         cli.main([*base, "--budgets", "0,1"])
-    with pytest.raises(ValueError, match="the rankings' vqa task has no ap; available: hones"):
+    with pytest.raises(RankingsError, match="--methods ap: not in the 'vqa' rankings; available: hones"):
         cli.main([*base, "--methods", "hones,ap"])

@@ -1,12 +1,17 @@
 """The rank run end to end on the toy VLM: artifact contents, and resuming after a kill."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from hones_core import rankings
 from hones_core.pipeline import ProgressMismatchError, RankParams, rank
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 class Killed(Exception):
@@ -56,3 +61,96 @@ def test_rank_writes_an_artifact_and_a_killed_run_resumes_to_the_same_one(toy_vl
     assert torch.equal(resumed.tasks["vqa"].baselines["dvp"], ranking.baselines["dvp"])
     for file in ("vqa/heads.safetensors", "vqa/neurons.safetensors", "vqa/top.json"):
         assert (tmp_path / "resumed" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes()
+
+
+def _neurons_file(folder, task):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / task / "neurons.safetensors"))
+
+
+def test_one_task_has_ap_and_ma_but_no_ape_and_says_why(toy_vlm, toy_items, tmp_path):
+    ranking = _rank(toy_vlm, toy_items("vqa")[:4], tmp_path / "one", RankParams(utility="logprob", top_heads=2,
+                                                                                 batch_size=4)).tasks["vqa"]
+    stored = _neurons_file(tmp_path / "one", "vqa")
+    assert set(stored) == {"importance", "activation", "dvp", "ap", "ma"}
+    assert "ape" not in ranking.baselines and "APE not computed" in ranking.notes
+    top = json.loads((tmp_path / "one" / "vqa" / "top.json").read_text())
+    assert "APE not computed" in top["notes"] and "ocr, caption, retrieval" in top["notes"]
+
+
+def test_all_four_tasks_store_ape_from_their_ap(toy_vlm, toy_items, tmp_path):
+    tasks = ["vqa", "ocr", "caption", "retrieval"]
+    params = RankParams(utility="logprob", top_heads=2, batch_size=4)
+    rank(toy_vlm, {t: toy_items(t)[:3] for t in tasks}, tmp_path / "all", data_file="toy.json", params=params,
+         show_progress=False)
+    loaded = rankings.load(tmp_path / "all")
+    stored = {t: _neurons_file(tmp_path / "all", t) for t in tasks}
+    L, I = toy_vlm.arch.num_layers, toy_vlm.arch.intermediate_size
+    floor = torch.tensor(-(math.log(4) + 1)).item()
+    for t in tasks:
+        assert set(stored[t]) == {"importance", "activation", "dvp", "ap", "ma", "ape"}
+        assert "APE" not in loaded.tasks[t].notes and "ape" in loaded.tasks[t].methods()
+        assert len(loaded.tasks[t].select("ape", 0.01)) >= 1
+    # APE by a plain loop over neurons, from the stored AP of the four tasks
+    for layer in range(L):
+        for i in range(I):
+            column = [float(stored[t]["ap"][layer, i]) for t in tasks]
+            total = sum(column)
+            entropy = -sum(a / total * math.log(a / total) for a in column if a > 0) if total else 0.0
+            for t, a in zip(tasks, column):
+                expected = -entropy if total and a == max(column) else floor
+                assert float(stored[t]["ape"][layer, i]) == pytest.approx(expected, abs=1e-6), (t, layer, i)
+    # every neuron is scored by the task(s) where its AP is highest, and by no other
+    assert all(int((stored[t]["ape"] > floor).sum()) > 0 for t in tasks)
+
+
+def test_progress_of_an_older_version_without_token_sums_is_recomputed(toy_vlm, toy_items, tmp_path, monkeypatch):
+    """Sums saved without the AP / MA token sums (an older version): the base plan runs again."""
+    import hones_core.pipeline as pipeline
+
+    items = toy_items("vqa")[:4]
+    params = RankParams(utility="logprob", top_heads=2, batch_size=4)
+    whole = _rank(toy_vlm, items, tmp_path / "whole", params).tasks["vqa"]
+    original = pipeline.Progress.save_sums
+
+    def old_format(self, task, index, sums):
+        original(self, task, index, pipeline.Sums(sums.contributions, sums.abs_activation, sums.n))
+        raise Killed()                     # killed right after the first (base) plan is written
+    monkeypatch.setattr(pipeline.Progress, "save_sums", old_format)
+    with pytest.raises(Killed):
+        _rank(toy_vlm, items, tmp_path / "old", params)
+    monkeypatch.setattr(pipeline.Progress, "save_sums", original)
+    progress = pipeline.Progress(tmp_path / "old", json.loads((tmp_path / "old" / ".progress" / "state.json")
+                                                              .read_text())["fingerprint"])
+    progress.task("vqa")["plans"].append(0)              # as if the old version had recorded it
+    progress.save(progress.state["arguments"])
+    assert not progress.load_sums("vqa")[0].has_token_stats
+    resumed = _rank(toy_vlm, items, tmp_path / "old", params).tasks["vqa"]
+    for name in ("ap", "ma", "dvp", "activation"):
+        assert torch.equal(resumed.baselines[name], whole.baselines[name]), name
+    assert torch.equal(resumed.importance, whole.importance)
+
+
+def test_mask_eval_names_the_available_methods(toy_world, tmp_path):
+    from hones_core import cli
+    from hones_core.errors import RankingsError
+
+    toy = ASSETS / "toy-vlm"
+    data = str(toy_world / "discovery.json")
+    common = ["--model", str(toy), "--device", "cpu", "--data", data, "--task", "vqa", "--limit", "3",
+              "--batch-size", "4", "--n-negatives", "4"]
+    cli.main(["rank", *common, "--out", str(tmp_path / "r"), "--top-heads", "2", "--utility", "logprob"])
+    # masking is measured on held-out images: the discovery split itself is refused
+    with pytest.raises(ValueError, match=r"discovery.json shares 3 image\(s\) with the discovery split"):
+        cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "hones"])
+    common[common.index(data)] = str(toy_world / "test.json")
+    with pytest.raises(RankingsError, match=r"--methods ape,nope: not in the 'vqa' rankings; available: ") as err:
+        cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "hones,ap,ape,nope"])
+    available = str(err.value).split("available: ")[1].split(" (")[0].split(", ")
+    assert sorted(available) == sorted(["hones", "activation", "dvp", "ap", "ma", "random"])
+    assert "(ape is stored only by a rank run over all four tasks: --task all)" in str(err.value)
+    out = tmp_path / "eval.json"
+    cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "ap,ma", "--top-ratio", "0.05",
+              "--json", str(out)])
+    assert set(json.loads(out.read_text())["tasks"]["vqa"]) == {"ap", "ma"}

@@ -28,7 +28,8 @@ PLOTS = ("heads", "layers", "contributions", "layer_sums", "overlap", "sweep")
 TASK_TITLES = {name: task.title for name, task in TASKS.items()}
 METHOD_LABELS = {"hones": "HONES", "activation": "activation magnitude (baseline)",
                  "dvp": "DVP without head conditioning (baseline)", "random": "random (same per-layer counts)",
-                 "learned": "learned scales"}
+                 "ap": "activation probability AP (paper baseline)", "ma": "mean activation MA (paper baseline)",
+                 "ape": "activation-probability entropy APE (paper baseline)", "learned": "learned scales"}
 TOP_NEURONS_SHOWN = 12
 
 
