@@ -1,24 +1,30 @@
-"""Steering: answer-token labels, a frozen backbone, scales that really learn, resuming, the artifact, the CLI."""
+"""Steering on tiny models: answer-token labels, the loss against the model's own CE and an independent KL,
+a frozen backbone, scales that really learn, resuming (same draws), grid search, Fixed-Amp, the artifact, the CLI.
+
+The training rule itself (examples per epoch, per-item average, schedule, clipping) is in test_steering_learn.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import hones_core.steering as steering
 import hones_core.steering.learn as steering_learn
 import hones_core.steering.run as steering_run
 from hones_core import cli, rankings
-from hones_core.interventions import Plan
+from hones_core.interventions import Plan, intervene
 from hones_core.rankings import ModelInfo, Rankings, Scales, TaskRanking
 from hones_core.steering import (SteerConfig, SteeringProgressError, encode_examples, example_loss, learn_scales,
                                  neuron_layout, training_examples)
-from hones_core.tasks import TaskItem, retrieval_prompt, vqa_prompt
+from hones_core.tasks import TaskItem, caption_prompt, retrieval_prompt, vqa_prompt
 
 COLOURS = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (200, 200, 10), (10, 200, 200), (200, 10, 200)]
 ANSWERS = ["red", "green", "blue", "two", "three", "circle"]
@@ -32,6 +38,30 @@ def vqa_items(folder: Path, n: int = 4, start: int = 0) -> list[TaskItem]:
         Image.new("RGB", (36 + 4 * i, 30), COLOURS[i % len(COLOURS)]).save(path)
         answer = ANSWERS[i % len(ANSWERS)]
         items.append(TaskItem("vqa", path, vqa_prompt("What color is the circle?"), (answer,), answer, i))
+    return items
+
+
+def caption_items(folder: Path, n: int = 3) -> list[TaskItem]:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        path = folder / f"cap{i}.png"
+        Image.new("RGB", (32, 32), COLOURS[i % len(COLOURS)]).save(path)
+        refs = tuple(f"a {ANSWERS[i % len(ANSWERS)]} shape number {k}" for k in range(5))
+        items.append(TaskItem("caption", path, caption_prompt(), refs, refs[0], i))
+    return items
+
+
+def retrieval_items(folder: Path, n: int = 3) -> list[TaskItem]:
+    """Items with 6 candidates each (5 negatives, so the 4 drawn per epoch vary)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        path = folder / f"ret{i}.png"
+        Image.new("RGB", (32, 32), COLOURS[i % len(COLOURS)]).save(path)
+        candidates = tuple(f"a {ANSWERS[(i + k) % len(ANSWERS)]} circle" for k in range(6))
+        items.append(TaskItem("retrieval", path, retrieval_prompt(candidates[i % 6]), ("Yes",), "Yes", i,
+                              candidates=candidates, positive=i % 6))
     return items
 
 
@@ -53,7 +83,7 @@ FAST = SteerConfig(lr=0.05, epochs=3)
 def test_labels_cover_exactly_the_answer_after_the_generation_prompt(family, tiny_vlm, tmp_path):
     vlm = tiny_vlm(family)
     item = vqa_items(tmp_path, 1)[0]
-    example = training_examples([item])[0]
+    (example,) = training_examples([item])[0]
     encoded = encode_examples(vlm, [example])
     ids, labels = encoded.inputs["input_ids"][0], encoded.labels[0]
     labelled = labels != -100
@@ -71,32 +101,34 @@ def test_labels_cover_exactly_the_answer_after_the_generation_prompt(family, tin
     assert torch.equal(encoded.inputs["pixel_values"], prompt_only["pixel_values"])
 
 
-def test_retrieval_trains_on_yes_for_the_caption_and_no_for_a_negative(tmp_path):
-    path = tmp_path / "a.png"
-    Image.new("RGB", (8, 8)).save(path)
-    item = TaskItem("retrieval", path, retrieval_prompt("a red circle"), ("Yes",), "Yes", 0,
-                    candidates=("a blue square", "a red circle", "two triangles"), positive=1)
-    examples = training_examples([item])
-    assert [(e.prompt, e.answer) for e in examples] == [(retrieval_prompt("a red circle"), "Yes"),
-                                                        (retrieval_prompt("a blue square"), "No")]
-
-
 # --------------------------------------------------------------------------- learning
 
 
-def test_kl_is_zero_at_init_and_the_loss_terms_add_up(tiny_vlm, tmp_path):
+def test_the_loss_is_the_models_own_ce_plus_beta_kl_plus_lambda_mean_s2(tiny_vlm, tmp_path):
+    """Against references computed without example_loss: HF's built-in CE and torch's kl_div."""
     vlm = tiny_vlm("llava")
-    encoded = encode_examples(vlm, training_examples(vqa_items(tmp_path, 1)))
-    layers, neurons = neuron_layout(SELECTION)
+    encoded = encode_examples(vlm, training_examples(vqa_items(tmp_path, 1))[0])
+    wide = {0: list(range(0, 96, 2)), 1: list(range(1, 96, 2))}     # enough neurons for a visible KL
+    layers, neurons = neuron_layout(wide)
+    labelled = encoded.labels[0, 1:] != -100                       # positions predicting an answer token
+    with torch.no_grad():
+        base = vlm.model(**encoded.inputs, labels=encoded.labels)   # HF: mean CE over the labelled tokens
     zero = torch.zeros(len(layers), requires_grad=True)
     loss, parts = example_loss(vlm, encoded, Plan.learned(layers, neurons, zero), zero, SteerConfig())
-    assert parts["kl"] == pytest.approx(0.0, abs=1e-7)       # s = 0: the student is the teacher
-    assert float(loss.detach()) == pytest.approx(parts["ce"], rel=1e-6)
-    s = torch.full((len(layers),), 0.8, requires_grad=True)
-    cfg = SteerConfig(beta=0.5, lam=0.1)
-    loss, parts = example_loss(vlm, encoded, Plan.learned(layers, neurons, s), s, cfg)
-    assert parts["kl"] > 0
-    assert float(loss.detach()) == pytest.approx(parts["ce"] + 0.5 * parts["kl"] + 0.1 * 0.64, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(base.loss), rel=1e-5)     # s = 0: KL 0, penalty 0
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-7)
+
+    s = torch.full((len(layers),), 1.5, requires_grad=True)
+    with torch.no_grad(), intervene(vlm.arch, Plan.learned(layers, neurons, s)):
+        steered = vlm.model(**encoded.inputs, labels=encoded.labels)
+    student = torch.log_softmax(steered.logits[0, :-1][labelled].float(), -1)
+    teacher = torch.log_softmax(base.logits[0, :-1][labelled].float(), -1)
+    kl = float(F.kl_div(student, teacher, log_target=True, reduction="batchmean"))   # KL(teacher || student)
+    assert kl > 1e-4
+    loss, _ = example_loss(vlm, encoded, Plan.learned(layers, neurons, s), s, SteerConfig(beta=100.0, lam=0.1))
+    # 0.1 * mean(1.5^2) = 0.225
+    assert float(loss.detach()) == pytest.approx(float(steered.loss) + 100.0 * kl + 0.225, abs=1e-4)
+    assert float(steered.loss) != pytest.approx(float(base.loss), abs=1e-3)        # the plan did act
 
 
 def test_only_the_scales_learn_they_move_and_dev_loss_goes_down(tiny_vlm, tmp_path):
@@ -135,10 +167,40 @@ def test_paper_settings_take_real_steps(tiny_vlm, tmp_path):
     assert (result.scales.scale.abs() > 1e-4).sum() >= 4
 
 
-def test_a_killed_run_resumes_at_the_epoch_boundary(tiny_vlm, tmp_path, monkeypatch):
+def test_a_huge_learning_rate_drives_every_scale_exactly_to_the_clamp(tiny_vlm, tmp_path):
     vlm = tiny_vlm("llava")
-    items = vqa_items(tmp_path / "img", 3)
+    result = learn_scales(vlm, vqa_items(tmp_path, 2), SELECTION, cfg=SteerConfig(lr=1e3, epochs=1), progress=False)
+    assert torch.equal(result.scales.scale.abs(), torch.full((6,), 1.5))
+
+
+ITEMS = {"vqa": vqa_items, "caption": caption_items, "retrieval": retrieval_items}
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption", "retrieval"])
+def test_a_killed_run_resumes_at_the_epoch_boundary_with_the_same_draws(task, tiny_vlm, tmp_path, monkeypatch):
+    vlm = tiny_vlm("llava")
+    items = ITEMS[task](tmp_path / "img", 3)
+    trained: list[list[list[tuple[int, str, str]]]] = []    # per optimiser step, per item: (item, prompt, answer)s
+    real_accumulate = steering_learn.accumulate
+
+    def spy(vlm, group, *args, **kwargs):
+        trained.append([[(e.item.record_index, e.prompt, e.answer) for e in examples] for examples in group])
+        return real_accumulate(vlm, group, *args, **kwargs)
+    monkeypatch.setattr(steering_learn, "accumulate", spy)
     whole = learn_scales(vlm, items, SELECTION, cfg=FAST, progress=False)
+    whole_trained, trained[:] = list(trained), []
+    assert len(whole_trained) == 3              # 3 items, accumulation 4: one step per epoch
+    for step in whole_trained:                  # every epoch trains each item once
+        assert sorted(ex[0][0] for ex in step) == [0, 1, 2]
+    if task == "retrieval":                      # Yes for the positive + 4 No, drawn anew each epoch
+        for step in whole_trained:
+            assert all(ex[0][1:] == (items[ex[0][0]].prompt, "Yes") for ex in step)
+            assert all([a for _, _, a in ex] == ["Yes"] + ["No"] * 4 for ex in step)
+        assert whole_trained[0] != whole_trained[1]
+    if task == "caption":                        # one of the item's references, not always the first
+        drawn = [(index, answer) for step in whole_trained for ex in step for index, _, answer in ex]
+        assert all(answer in items[index].targets for index, answer in drawn)
+        assert len(set(drawn)) > 3
 
     class Killed(Exception):
         pass
@@ -157,7 +219,9 @@ def test_a_killed_run_resumes_at_the_epoch_boundary(tiny_vlm, tmp_path, monkeypa
     with pytest.raises(SteeringProgressError, match="other settings"):
         learn_scales(vlm, items, SELECTION, cfg=SteerConfig(lr=0.01, epochs=3), checkpoint=checkpoint, progress=False)
     resumed = learn_scales(vlm, items, SELECTION, cfg=FAST, checkpoint=checkpoint, progress=False)
-    # bitwise: the checkpoint restores the exact state, and the remaining epoch runs the same batches
+    # the killed run trained epoch 1, the resumed one epochs 2 and 3: the same examples in the same order
+    assert trained == whole_trained
+    # bitwise: the checkpoint restores the exact state, and the remaining epochs run the same batches
     assert torch.equal(resumed.scales.scale, whole.scales.scale)
     assert resumed.history == whole.history
 
@@ -282,3 +346,60 @@ def test_run_task_refuses_overlapping_splits_and_unknown_methods(tiny_vlm, tmp_p
         steering.run_task(vlm, tiny_ranking(vlm), items[:2], items[1:], ["fixed"], tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="unknown steering method"):
         steering.run_task(vlm, tiny_ranking(vlm), items[:1], items[1:], ["magic"], tmp_path / "o", progress=False)
+
+
+# --------------------------------------------------------------------------- grid search and Fixed-Amp
+
+
+@pytest.mark.parametrize("dev_metric, best", [
+    ((0.1, 0.2, 0.3, 0.2, 0.1, 0.9), 2.0),        # a unique best, however far from 1
+    ((0.4, 0.3, 0.2, 0.4, 0.1, 0.0), 1.25),       # tie 0.5 / 1.25: the one closer to 1
+    ((0.1, 0.2, 0.5, 0.2, 0.1, 0.5), 1.0),        # tie 1 / 2: 1, no change
+    ((0.0, 0.6, 0.1, 0.6, 0.1, 0.6), 0.75),       # tie 0.75 / 1.25 / 2: equally close 0.75 and 1.25, the smaller
+])
+def test_grid_search_takes_the_best_dev_metric_ties_closest_to_one(dev_metric, best, tiny_vlm, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_utilities(vlm, items, plans, utility, **kwargs):
+        seen.extend(plans)
+        return list(dev_metric)
+    monkeypatch.setattr(steering_run, "utilities", fake_utilities)
+    chosen, by_factor = steering.grid_search(tiny_vlm("llava"), vqa_items(tmp_path, 2), SELECTION, progress=False)
+    assert chosen == best
+    assert by_factor == dict(zip((0.5, 0.75, 1.0, 1.25, 1.5, 2.0), dev_metric))
+    assert [p.neurons for p in seen] == [Plan.scale_neurons(SELECTION, f).neurons for f in by_factor]
+
+
+def test_fixed_amp_doubles_the_selected_neurons(tiny_vlm, tmp_path, monkeypatch):
+    """The plan run_task reports Fixed-Amp with equals doubling W_down's columns of the selected neurons."""
+    vlm = tiny_vlm("llava")
+    ranking = tiny_ranking(vlm)
+    items = vqa_items(tmp_path, 3)
+    seen = []      # the plans of each evaluate call
+
+    def fake_evaluate(vlm, items, plans=None, **kwargs):
+        seen.append(plans)
+        return SimpleNamespace(metric=0.0, n=len(items))
+    monkeypatch.setattr(steering_run, "evaluate", fake_evaluate)
+    doc = steering.run_task(vlm, ranking, items[:1], items[1:], ["fixed"], tmp_path / "o", ratio=0.1,
+                            progress=False).doc
+    assert doc["results"]["fixed"]["settings"] == {"factor": 2.0}
+    base_plan, fixed_plan = seen         # base first, then Fixed-Amp
+    assert base_plan is None
+    selection = ranking.select("hones", 0.1)
+    images, prompts = [items[0].load_image()], [items[0].prompt]
+    base = vlm.next_token_logits(images, prompts)
+    fixed = vlm.next_token_logits(images, prompts, plans=fixed_plan)
+    weights = {layer: vlm.arch.layers[layer].down_proj.weight for layer in selection}
+    saved = {layer: w.detach().clone() for layer, w in weights.items()}
+    try:
+        with torch.no_grad():
+            for layer, neurons in selection.items():
+                weights[layer][:, neurons] *= 2.0       # z_i * 2 through W_down is W_down[:, i] * 2
+        doubled = vlm.next_token_logits(images, prompts)
+    finally:
+        with torch.no_grad():
+            for layer, w in weights.items():
+                w.copy_(saved[layer])
+    torch.testing.assert_close(fixed, doubled, rtol=1e-5, atol=1e-5)
+    assert (fixed - base).abs().max() > 1e-3

@@ -6,9 +6,12 @@ All methods act on the neurons a rankings artifact selects for the task (the glo
 
 - `fixed` (Fixed-Amp): every selected neuron x 2.0.
 - `grid` (Grid-Search): one factor from `GRID` for all selected neurons, the one with the best
-  task metric on dev (ties: the factor closest to 1, i.e. the smallest change).
+  task metric on dev (ties: the factor closest to 1, i.e. the smallest change; then the
+  smaller factor).
 - `learned`: one trained fp32 scale per selected neuron, z~ = z * (1 + s), loss = answer CE +
-  beta * KL to the unscaled model + lambda * mean(s^2) (`learn.py`, `SteerConfig`).
+  beta * KL to the unscaled model + lambda * mean(s^2) (`learn.py`, `SteerConfig`), averaged
+  per item; retrieval items train on "Yes" for the positive plus 4 random negatives answered
+  "No", caption items on a random reference, both drawn anew each epoch.
 - `learned-nokl`: the same with beta = 0.
 - `random` (RandNeuron): random neurons with the HONES selection's per-layer counts (seeded),
   learned like `learned`.
@@ -22,8 +25,8 @@ Every name is importable from `hones_core.steering` itself.
 """
 
 from ..errors import ProgressMismatchError
-from .learn import (Example, LearnResult, SteerConfig, answer_position_logprobs, dev_ce, encode_examples,
-                    example_loss, frozen, learn_scales, neuron_layout, training_examples)
+from .learn import (Example, LearnResult, SteerConfig, accumulate, answer_position_logprobs, dev_ce, encode_examples,
+                    example_ces, example_loss, frozen, learn_scales, neuron_layout, training_examples)
 from .run import (FIXED_FACTOR, GRID, LEARNED, METHODS, RESULTS_FILE, TaskRun, grid_search, results_table,
                   run_task, scales_file)
 
@@ -32,6 +35,6 @@ SteeringProgressError = ProgressMismatchError     # the name before errors.py; s
 __all__ = [
     "METHODS", "LEARNED", "GRID", "FIXED_FACTOR", "RESULTS_FILE", "SteeringProgressError",
     "SteerConfig", "Example", "training_examples", "encode_examples", "answer_position_logprobs", "neuron_layout",
-    "frozen", "LearnResult", "example_loss", "dev_ce", "learn_scales",
+    "frozen", "LearnResult", "example_loss", "example_ces", "dev_ce", "accumulate", "learn_scales",
     "grid_search", "scales_file", "TaskRun", "run_task", "results_table",
 ]

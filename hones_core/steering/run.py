@@ -44,11 +44,15 @@ def _result(method: str, evaluation, settings: dict) -> dict:
 
 def grid_search(vlm: VLM, dev_items: Sequence[TaskItem], selection: Selection, *, factors: Sequence[float] = GRID,
                 batch_size: int = 16, progress: bool = True) -> tuple[float, dict[float, float]]:
-    """The factor with the best dev metric (ties: closest to 1) and the dev metric of each factor."""
+    """The factor with the best dev metric and the dev metric of each factor.
+
+    Ties go to the factor closest to 1 (the smallest change), then to the smaller factor
+    (0.75 over 1.25: both change the activations by a quarter).
+    """
     values = utilities(vlm, dev_items, [Plan.scale_neurons(selection, f) for f in factors], "metric",
                        batch_size=batch_size, progress=progress)
     by_factor = dict(zip(factors, values))
-    best = max(factors, key=lambda f: (by_factor[f], -abs(f - 1.0)))
+    best = max(factors, key=lambda f: (by_factor[f], -abs(f - 1.0), -f))
     return best, by_factor
 
 
