@@ -231,7 +231,7 @@ def cmd_steer(args: argparse.Namespace) -> dict:
     other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
                                          allow_other_model=args.allow_other_model)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    cfg = SteerConfig(epochs=args.epochs, seed=args.seed, lr=args.lr)
+    cfg = SteerConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, train_negatives=args.train_negatives)
     dev, test = _task_items(args, args.dev, args.dev_limit), _task_items(args, args.test, args.test_limit)
     info = {"dev_file": str(Path(args.dev).resolve()), "test_file": str(Path(args.test).resolve()),
             "limit": args.limit, "n_negatives": args.n_negatives}
@@ -388,7 +388,11 @@ def _add_model_commands(sub) -> None:
                    help="the first N test items of each task (overrides --limit)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of learned scaling (default 2)")
     p.add_argument("--lr", type=float, default=5e-4,
-                   help="learning rate of learned scaling (default 5e-4, the paper's; see README for small models)")
+                   help="learning rate of learned scaling (default 5e-4, the paper's; a small model may need more, "
+                        "e.g. 2e-2: README, 'Steering')")
+    p.add_argument("--train-negatives", type=int, default=4,
+                   help="retrieval negatives answered No per dev item and epoch in learned scaling (default 4, the "
+                        "paper's)")
     p.add_argument("--ratio", type=float, default=0.01, help="neuron budget as a fraction (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed for retrieval negatives, example order, RandNeuron")
     p.add_argument("--n-negatives", type=int, default=N_NEGATIVES,
