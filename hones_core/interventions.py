@@ -356,6 +356,11 @@ def _compile(arch: Architecture, plans: Plan | Sequence[Plan | None], capture: C
     neuron_rows: dict[int, list[torch.Tensor]] = {}
     edited: dict[int, set[int]] = {}
     for r, plan in enumerate(rows):
+        if plan.heads and arch.num_heads < 2:
+            # mean replacement puts the mean of the OTHER heads in a head's place: with one head there is none
+            raise UnsupportedModelError(f"this model has {arch.num_heads} attention head per layer; mean-replacing "
+                                        f"a head needs at least two (the others' mean takes its place), so heads "
+                                        f"cannot be ablated or localized here — neuron plans still work")
         for layer, head in plan.heads:
             _check_index("layer", layer, arch.num_layers)
             _check_index(f"layer {layer} head", head, arch.num_heads)

@@ -303,3 +303,16 @@ def test_token_stats_of_a_shared_prefix_count_every_row(tiny_vlm, images, prompt
         torch.testing.assert_close(alone.stats.total[layer], total, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(shared.stats.positive[layer], positive, rtol=0, atol=2)   # rounding at z ~ 0
         torch.testing.assert_close(shared.stats.total[layer], total, rtol=1e-5, atol=1e-4)
+
+
+def test_a_one_head_model_refuses_head_ablation_clearly():
+    """Mean replacement divides by num_heads - 1: with one head it is refused before any hook is installed."""
+    from types import SimpleNamespace
+
+    from hones_core.errors import UnsupportedModelError
+
+    one_head = SimpleNamespace(num_layers=2, num_heads=1, head_dim=4, intermediate_size=8)
+    with pytest.raises(UnsupportedModelError, match="1 attention head per layer; mean-replacing a head needs at "
+                                                    "least two"):
+        with intervene(one_head, Plan.ablate_heads([(0, 0)])):
+            pass
