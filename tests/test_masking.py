@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hones_core.masking import drop, evaluate_selections
 
@@ -85,3 +86,53 @@ def test_mask_eval_budgets_cross_and_into_rankings(toy_world, app_rankings, tmp_
         cli.main([*base, "--budgets", "0,1"])
     with pytest.raises(RankingsError, match="--methods ap: not in the 'vqa' rankings; available: hones"):
         cli.main([*base, "--methods", "hones,ap"])
+
+
+def test_masking_the_hones_set_equals_zeroing_its_down_proj_columns(toy_vlm, toy_items, app_rankings):
+    """An independent implementation of masking: W_down[:, i] = 0 in a copy of the model gives the same metric."""
+    import copy
+
+    from hones_core import rankings
+    from hones_core.evaluation import evaluate
+    from hones_core.models import VLM
+
+    items = toy_items("vqa")[:12]
+    selection = rankings.load(app_rankings).task("vqa").select("hones", 0.05)      # 77 of 1 536 neurons
+    masked = evaluate_selections(toy_vlm, items, {"hones": selection}, batch_size=12)["hones"]
+    edited = copy.deepcopy(toy_vlm.model)
+    layers = edited.model.text_model.layers
+    with torch.no_grad():
+        for layer, neurons in selection.items():
+            layers[layer].mlp.down_proj.weight[:, neurons] = 0
+    by_hand = evaluate(VLM(edited, toy_vlm.processor, name="zeroed"), items, batch_size=12)
+    assert masked["masked"] == pytest.approx(by_hand.metric)
+    assert masked["neurons"] == 77 and masked["base"] != masked["masked"]       # this set matters here
+
+
+def test_masking_holds_at_every_decode_step(toy_vlm, toy_items):
+    """The plan is applied to the prefill pass and to every generated token's pass, not only the prompt."""
+    from hones_core.interventions import Plan, intervene
+
+    item = toy_items("caption")[0]
+    neurons = [3, 17, 101]
+    seen = []
+
+    def record(module, args):
+        seen.append(args[0][..., neurons].abs().max().item())
+
+    with intervene(toy_vlm.arch, Plan.scale_neurons({1: neurons}, 0.0)):
+        # registered after the plan's hook, so it runs after it and sees the masked input, at every pass
+        handle = toy_vlm.arch.layers[1].down_proj.register_forward_pre_hook(record)
+        try:
+            answer = toy_vlm.generate([item.load_image()], [item.prompt], max_new_tokens=8)[0]
+        finally:
+            handle.remove()
+    assert len(answer.split()) >= 3 and len(seen) >= 4
+    assert seen == [0.0] * len(seen)
+    seen.clear()
+    handle = toy_vlm.arch.layers[1].down_proj.register_forward_pre_hook(record)
+    try:
+        toy_vlm.generate([item.load_image()], [item.prompt], max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert max(seen) > 0          # without the plan those neurons are active

@@ -11,17 +11,6 @@ def parsed(argv):
     return args
 
 
-def test_paper_presets_hold_the_official_configs_values():
-    llava, qwen = presets.PRESETS["paper-llava"], presets.PRESETS["paper-qwen"]
-    assert (llava.model, qwen.model) == ("llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct")
-    assert llava.values["rank"] == {"seed": 3407, "n_negatives": 49, "top_heads": 30, "top_ratio": 0.01,
-                                    "limit": 5000, "max_new_tokens": 24}
-    assert qwen.values["rank"]["top_heads"] == 25
-    assert llava.values["mask-eval"]["limit"] == 3000
-    assert {k: llava.values["steer"][k] for k in ("dev_limit", "test_limit", "train_negatives", "lr", "epochs")} == \
-        {"dev_limit": 2000, "test_limit": 3000, "train_negatives": 4, "lr": 5e-4, "epochs": 2}
-
-
 def test_a_flag_given_overrides_the_preset_and_every_value_is_recorded():
     argv = ["mask-eval", "--model", "m", "--data", "d", "--rankings", "r", "--task", "vqa", "--preset", "paper-qwen",
             "--limit", "7", "--seed=5"]

@@ -4,7 +4,6 @@ import pytest
 from PIL import Image
 
 from hones_core.data import Record
-from hones_core.metrics import METRICS
 from hones_core.tasks import (TASKS, caption_prompt, check_task, clean_answer, items_for_task, ocr_prompt,
                               retrieval_prompt, vqa_prompt)
 
@@ -24,17 +23,6 @@ def test_prompts_are_the_official_ones():
         TASKS["ocr"].prompt("extra")
     with pytest.raises(ValueError, match="the vqa prompt takes a text"):
         TASKS["vqa"].prompt()
-
-
-def test_task_table_columns():
-    """What the other modules read instead of branching on the task name (DESIGN.md section 3)."""
-    table = {name: (t.scoring, t.target, t.metric, t.input) for name, t in TASKS.items()}
-    assert table == {"vqa": ("generate", "answer", "vqa_accuracy", "question"),
-                     "ocr": ("generate", "answer", "anls", "box"),
-                     "caption": ("generate", "references", "bleu4", None),
-                     "retrieval": ("yes/no", "yes", "ndcg@5", "candidates")}
-    assert all(t.metric in METRICS for t in TASKS.values())
-    assert [t.title for t in TASKS.values()] == ["VQA", "OCR", "Caption", "Retrieval"]
 
 
 def _records(tmp_path: Path) -> list[Record]:
