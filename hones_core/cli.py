@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, presets
+from .errors import UsageError
 from .presets import PRESETS
 from .tasks import N_NEGATIVES, TASKS
 
@@ -124,8 +125,7 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
     other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
                                          allow_other_model=args.allow_other_model)
-    task_items = _task_items(args)
-    _check_held_out(artifact, task_items, args.data)
+    task_items, dropped = _held_out(artifact, _task_items(args), args.data, drop=args.drop_overlapping)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     _check_methods(artifact, list(task_items), methods)
     budgets = _budgets(args.budgets)
@@ -133,6 +133,8 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
                      cross=args.cross, seed=args.seed, batch_size=args.batch_size, shard=shard)
     results["processes"] = shard.count
     results["preset"] = args.preset_info
+    if dropped:
+        results["dropped_overlapping"] = dropped
     if other_model:
         results["other_model"] = other_model
     if shard.is_main:
@@ -144,18 +146,33 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     return results
 
 
-def _check_held_out(artifact, task_items: dict, data_file: str) -> None:
-    """Refuse a split that shares images with the artifact's discovery split (the manifest's digests)."""
+def _held_out(artifact, task_items: dict, data_file: str, *, drop: bool) -> tuple[dict, dict[str, int]]:
+    """The items, checked against the artifact's discovery images (the manifest's content digests).
+
+    A split sharing images with the discovery split is refused; with `drop`, its items on
+    those images are left out instead, and the counts returned (recorded in the results).
+    """
     from .pipeline import image_digests
 
     discovery = set(artifact.data.get("image_digests") or [])
     if not discovery:
-        return        # artifacts from before the digests were recorded: nothing to compare with
+        return task_items, {}    # artifacts from before the digests were recorded: nothing to compare with
     shared = discovery & set(image_digests(task_items))
-    if shared:
-        raise ValueError(f"{data_file} shares {len(shared)} image(s) with the discovery split these rankings were "
-                         f"computed on ({artifact.data.get('file')}); masking is measured on held-out data — use a "
-                         f"split of other images (e.g. `toy-data` with another --seed)")
+    if not shared:
+        return task_items, {}
+    if not drop:
+        raise UsageError(f"{data_file} shares {len(shared)} image(s) with the discovery split these rankings were "
+                         f"computed on ({artifact.data.get('file')}; same pixels, compared by content digest); "
+                         f"masking is measured on held-out data — use a split of other images, or pass "
+                         f"--drop-overlapping to leave those items out")
+    kept, dropped = {}, {}
+    for task, items in task_items.items():
+        kept[task] = [i for i in items if image_digests({task: [i]})[0] not in shared]
+        dropped[task] = len(items) - len(kept[task])
+        if not kept[task]:
+            raise UsageError(f"--drop-overlapping: every {task} item of {data_file} shows a discovery image; no "
+                             f"held-out {task} item is left — use a split of other images")
+    return kept, {t: n for t, n in dropped.items() if n}
 
 
 def _budgets(text: str | None) -> list[float]:
@@ -165,10 +182,10 @@ def _budgets(text: str | None) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--budgets takes percentages separated by commas, e.g. 0.5,1,2,5; got {text!r}") from None
+        raise UsageError(f"--budgets takes percentages separated by commas, e.g. 0.5,1,2,5; got {text!r}") from None
     bad = [v for v in values if not 0 < v <= 100]
     if bad or not values:
-        raise ValueError(f"--budgets: every budget is a percentage above 0 and at most 100; got {text!r}")
+        raise UsageError(f"--budgets: every budget is a percentage above 0 and at most 100; got {text!r}")
     return sorted(set(values))
 
 
@@ -178,7 +195,7 @@ def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, resu
     from .files import digest
 
     if artifact.source and artifact.source.get("commit"):
-        raise ValueError("--into-rankings writes into a local artifact folder; this one came from the Hub. "
+        raise UsageError("--into-rankings writes into a local artifact folder; this one came from the Hub. "
                          "Download it (or use the folder you pushed) and rerun, then `push` it again")
     images = sorted({str(item.image_path) for items in task_items.values() for item in items})
     doc = {"split": {"file": str(Path(args.data)), "digest": digest(_image_digests(images)),
@@ -366,6 +383,9 @@ def _add_model_commands(sub) -> None:
                    help="store the results in the (local) artifact as evaluation.json, shown by its card and the app")
     p.add_argument("--allow-other-model", action="store_true",
                    help="use rankings computed for another Hub model of the same shapes (recorded in the results)")
+    p.add_argument("--drop-overlapping", action="store_true",
+                   help="leave out items whose image is pixel-identical to a discovery image (else refused; the "
+                        "counts are recorded)")
     p.add_argument("--json", default=None)
     _add_placement(p)
     _add_preset(p)

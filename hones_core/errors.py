@@ -91,6 +91,13 @@ class ProgressMismatchError(HonesError, RuntimeError):
         self.path = None if path is None else Path(path)
 
 
+# ----- the command line ---------------------------------------------------------------------------
+
+
+class UsageError(HonesError, ValueError):
+    """A command-line value cannot be used (a malformed list, a split that is not held out, ...)."""
+
+
 # ----- the app -------------------------------------------------------------------------------------
 
 
@@ -104,4 +111,4 @@ class DemoConfigError(HonesError, RuntimeError):
 
 __all__ = ["HonesError", "UnsupportedModelError", "ModelLoadError", "TemplateError", "DataFormatError",
            "RankingsError", "RankingsSchemaError", "RankingsMismatchError", "RankingsNotFoundError",
-           "ProgressMismatchError", "DemoInputError", "DemoConfigError"]
+           "ProgressMismatchError", "UsageError", "DemoInputError", "DemoConfigError"]

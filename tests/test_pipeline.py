@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,15 @@ def test_mask_eval_names_the_available_methods(toy_world, tmp_path):
     # masking is measured on held-out images: the discovery split itself is refused
     with pytest.raises(ValueError, match=r"discovery.json shares 3 image\(s\) with the discovery split"):
         cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "hones"])
+    with pytest.raises(ValueError, match=r"--drop-overlapping: every vqa item of .*discovery.json shows a discovery"):
+        cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "hones",
+                  "--drop-overlapping"])
+    # from the command line: one paragraph on stderr and exit code 2, no traceback
+    done = subprocess.run([sys.executable, "-m", "hones_core", "mask-eval", *common, "--rankings",
+                           str(tmp_path / "r"), "--methods", "hones"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m hones_core: ") and "shares 3 image(s)" in last
     common[common.index(data)] = str(toy_world / "test.json")
     with pytest.raises(RankingsError, match=r"--methods ape,nope: not in the 'vqa' rankings; available: ") as err:
         cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "hones,ap,ape,nope"])
