@@ -225,7 +225,7 @@ def _check_methods(artifact, tasks: list[str], methods: list[str]) -> None:
         raise RankingsError("--methods is empty; give a comma-separated list such as hones,ap,ma,ape,random")
     for task in tasks:
         ranking = artifact.task(task)
-        unknown = [m for m in methods if m not in ranking.methods()]
+        unknown = [m for m in methods if not ranking.has(m)]
         if unknown:
             hint = (" (ape is stored only by a rank run over all four tasks: --task all)" if "ape" in unknown
                     else "")

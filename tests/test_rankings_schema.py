@@ -181,3 +181,10 @@ def test_another_hub_model_of_the_same_shapes_is_refused_unless_allowed(tmp_path
     local.mkdir(parents=True)
     assert R.check_against(artifact, arch, model_id=str(local)) is None
     assert not R.is_hub_id(str(local)) and R.is_hub_id("org/name") and not R.is_hub_id("a/b/c")
+
+
+def test_magnitude_is_another_name_for_the_activation_baseline():
+    r = make_task()
+    assert r.has("magnitude") and r.has("activation") and not r.has("nope")
+    assert r.select("magnitude", 0.05) == r.select("activation", 0.05)
+    assert r.ranked("magnitude", 0.05) == r.ranked("activation", 0.05)

@@ -41,7 +41,9 @@ NEURONS_FILE = "neurons.safetensors"
 TOP_FILE = "top.json"
 SCALES_FILE = "scales.safetensors"
 CARD_FILE = "README.md"
-EVALUATION_FILE = "evaluation.json"     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
+EVALUATION_FILE = "evaluation.json"
+# other names people use for a method: the paper's issue text calls mean |z| "magnitude"
+METHOD_ALIASES = {"magnitude": "activation"}     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
 
 
 # --------------------------------------------------------------------------- data
@@ -226,12 +228,17 @@ class TaskRanking:
             return 0
         return max(0, budget(ratio, self.importance.numel()) - self.positive(base))
 
+    def has(self, method: str) -> bool:
+        """Whether `method` (or an alias of one, `METHOD_ALIASES`) can select neurons here."""
+        return METHOD_ALIASES.get(method, method) in self.methods()
+
     def methods(self) -> list[str]:
         """Ranking methods available: "hones", the baselines present, and "random"."""
         return ["hones", *self.baselines, "random"]
 
     def matrix(self, method: str) -> torch.Tensor:
         """The `[layers, intermediate]` scores of a method ("hones" = importance, or a baseline)."""
+        method = METHOD_ALIASES.get(method, method)
         if method == "hones":
             return self.importance
         if method in self.baselines:
