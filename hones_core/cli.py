@@ -126,7 +126,9 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
                                          allow_other_model=args.allow_other_model)
     task_items, dropped = _held_out(artifact, _task_items(args), args.data, drop=args.drop_overlapping)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else
+               [m for m in artifact.task(next(iter(task_items))).methods()
+                if all(artifact.task(t).has(m) for t in task_items)])
     _check_methods(artifact, list(task_items), methods)
     budgets = _budgets(args.budgets)
     results = report(vlm, task_items, artifact, methods=methods, ratio=args.top_ratio, budgets_pct=budgets,
@@ -370,9 +372,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--rankings", required=True, help="artifact folder or Hub dataset repo id")
     p.add_argument("--rankings-revision", default=None)
     p.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    p.add_argument("--methods", default="hones,activation,dvp,random",
-                   help="comma-separated ranking methods: hones, random and the artifact's baselines "
-                        "(activation, dvp, ap, ma, ape)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated neuron sets to mask (default: every one all the tasks' rankings carry: "
+                        "hones, the paper's ap, ma, ape, our activation (alias magnitude) and dvp, and random)")
     p.add_argument("--top-ratio", type=float, default=0.01)
     p.add_argument("--budgets", default=None,
                    help="also every method at each of these budgets, in %% (e.g. 0.5,1,2,5,10): budget curves")
