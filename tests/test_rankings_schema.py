@@ -188,3 +188,10 @@ def test_magnitude_is_another_name_for_the_activation_baseline():
     assert r.has("magnitude") and r.has("activation") and not r.has("nope")
     assert r.select("magnitude", 0.05) == r.select("activation", 0.05)
     assert r.ranked("magnitude", 0.05) == r.ranked("activation", 0.05)
+
+
+def test_methods_list_the_papers_baselines_first_whatever_order_the_file_had():
+    L_, I_ = 2, 4
+    baselines = {name: torch.rand(L_, I_) for name in ("zeta", "dvp", "ma", "activation", "ape", "ap")}
+    r = TaskRanking("vqa", torch.zeros(L_, 2), torch.rand(L_, I_), [], baselines=baselines)
+    assert r.methods() == ["hones", "ap", "ma", "ape", "activation", "dvp", "zeta", "random"]

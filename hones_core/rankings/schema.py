@@ -43,7 +43,9 @@ SCALES_FILE = "scales.safetensors"
 CARD_FILE = "README.md"
 EVALUATION_FILE = "evaluation.json"
 # other names people use for a method: the paper's issue text calls mean |z| "magnitude"
-METHOD_ALIASES = {"magnitude": "activation"}     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
+METHOD_ALIASES = {"magnitude": "activation"}
+# the order menus and tables list baselines in (files store them alphabetically): the paper's, then ours
+BASELINE_ORDER = ("ap", "ma", "ape", "activation", "dvp")     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
 
 
 # --------------------------------------------------------------------------- data
@@ -234,7 +236,8 @@ class TaskRanking:
 
     def methods(self) -> list[str]:
         """Ranking methods available: "hones", the baselines present, and "random"."""
-        return ["hones", *self.baselines, "random"]
+        known = [m for m in BASELINE_ORDER if m in self.baselines]
+        return ["hones", *known, *sorted(set(self.baselines) - set(known)), "random"]
 
     def matrix(self, method: str) -> torch.Tensor:
         """The `[layers, intermediate]` scores of a method ("hones" = importance, or a baseline)."""
