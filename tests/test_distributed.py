@@ -96,6 +96,16 @@ def _descendants(root: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> str:
+    """A test split of other images than the discovery split `ranked` was computed on (mask-eval refuses those)."""
+    from hones_core.toy import world
+
+    out = tmp_path_factory.mktemp("held-out")
+    world.write_world(out, seed=9191, n_discovery=0, n_dev=0, n_test=8, progress=False)
+    return str(out / "test.json")
+
+
+@pytest.fixture(scope="module")
 def ranked(toy_world, tmp_path_factory):
     """The same rank run in 1 process, and in 2 processes killed after one layer and resumed."""
     out = tmp_path_factory.mktemp("ranked")
@@ -139,14 +149,14 @@ def test_one_and_two_processes_give_the_same_rankings_even_after_a_kill(ranked):
     assert not (out / "2" / ".progress").exists()
 
 
-def test_mask_eval_with_two_processes_matches_one(ranked, tmp_path):
-    out, data, _, _ = ranked
+def test_mask_eval_with_two_processes_matches_one(ranked, held_out, tmp_path):
+    out, _, _, _ = ranked
     results = {}
     for processes in (1, 2):
         json_file = tmp_path / f"{processes}.json"
         args = [a if a != "all" else "caption" for a in RANK_ARGS]      # BLEU: reduced from n-gram statistics
-        _run(processes, "mask-eval", *args, "--data", data, "--rankings", str(out / "1"), "--top-ratio", "0.05",
-             "--json", str(json_file))
+        _run(processes, "mask-eval", *args, "--data", held_out, "--rankings", str(out / "1"), "--top-ratio", "0.05",
+             "--drop-overlapping", "--json", str(json_file))
         results[processes] = json.loads(json_file.read_text())
     one, two = results[1], results[2]
     assert two["processes"] == 2 and list(one["tasks"]) == ["caption"]
@@ -190,14 +200,14 @@ with open(os.path.join(os.environ["HONES_REPORT_DIR"], f"{shard.index}.json"), "
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
-def test_every_command_ends_torch_distributed_also_after_an_error(ranked, tmp_path):
+def test_every_command_ends_torch_distributed_also_after_an_error(ranked, held_out, tmp_path):
     """A gloo thread still alive at interpreter exit can abort the process (`distributed.shutdown`)."""
     out, data, _, _ = ranked
     script = tmp_path / "cli_in_process.py"
     script.write_text(CLI_IN_PROCESS)
     args = [a if a != "all" else "caption" for a in RANK_ARGS]
-    runs = {"ok": ["mask-eval", *args, "--data", data, "--rankings", str(out / "1"), "--methods", "hones",
-                   "--top-ratio", "0.05"],
+    runs = {"ok": ["mask-eval", *args, "--data", held_out, "--rankings", str(out / "1"), "--methods", "hones",
+                   "--top-ratio", "0.05", "--drop-overlapping"],
             "FileNotFoundError": ["rank", *args, "--data", str(tmp_path / "missing.json"), "--out",
                                   str(tmp_path / "never")]}
     for outcome, argv in runs.items():
