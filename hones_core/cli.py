@@ -125,7 +125,11 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
     artifact = rankings.load(args.rankings, revision=args.rankings_revision)
     other_model = rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision,
                                          allow_other_model=args.allow_other_model)
-    task_items, dropped = _held_out(artifact, _task_items(args), args.data, drop=args.drop_overlapping)
+    from .pipeline import image_digests
+
+    task_items = _task_items(args)
+    digests = image_digests(task_items)
+    task_items, dropped = _held_out(artifact, task_items, digests, args.data, drop=args.drop_overlapping)
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else
                [m for m in artifact.task(next(iter(task_items))).methods()
                 if all(artifact.task(t).has(m) for t in task_items)])
@@ -144,22 +148,21 @@ def cmd_mask_eval(args: argparse.Namespace) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         if args.into_rankings:
-            _store_evaluation(args, artifact, task_items, results, __version__)
+            _store_evaluation(args, artifact, task_items, digests, results, __version__)
     return results
 
 
-def _held_out(artifact, task_items: dict, data_file: str, *, drop: bool) -> tuple[dict, dict[str, int]]:
+def _held_out(artifact, task_items: dict, digests: dict[str, str], data_file: str, *, drop: bool
+              ) -> tuple[dict, dict[str, int]]:
     """The items, checked against the artifact's discovery images (the manifest's content digests).
 
     A split sharing images with the discovery split is refused; with `drop`, its items on
     those images are left out instead, and the counts returned (recorded in the results).
     """
-    from .pipeline import image_digests
-
     discovery = set(artifact.data.get("image_digests") or [])
     if not discovery:
         return task_items, {}    # artifacts from before the digests were recorded: nothing to compare with
-    shared = discovery & set(image_digests(task_items))
+    shared = discovery & set(digests.values())
     if not shared:
         return task_items, {}
     if not drop:
@@ -169,7 +172,7 @@ def _held_out(artifact, task_items: dict, data_file: str, *, drop: bool) -> tupl
                          f"--drop-overlapping to leave those items out")
     kept, dropped = {}, {}
     for task, items in task_items.items():
-        kept[task] = [i for i in items if image_digests({task: [i]})[0] not in shared]
+        kept[task] = [i for i in items if digests[str(i.image_path)] not in shared]
         dropped[task] = len(items) - len(kept[task])
         if not kept[task]:
             raise UsageError(f"--drop-overlapping: every {task} item of {data_file} shows a discovery image; no "
@@ -191,7 +194,8 @@ def _budgets(text: str | None) -> list[float]:
     return sorted(set(values))
 
 
-def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, results: dict, version: str) -> None:
+def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, digests: dict[str, str], results: dict,
+                      version: str) -> None:
     """`--into-rankings`: the results as the artifact's evaluation.json, with the split they came from."""
     from . import rankings
     from .files import digest
@@ -199,8 +203,8 @@ def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, resu
     if artifact.source and artifact.source.get("commit"):
         raise UsageError("--into-rankings writes into a local artifact folder; this one came from the Hub. "
                          "Download it (or use the folder you pushed) and rerun, then `push` it again")
-    images = sorted({str(item.image_path) for items in task_items.values() for item in items})
-    doc = {"split": {"file": str(Path(args.data)), "digest": digest(_image_digests(images)),
+    used = {str(item.image_path) for items in task_items.values() for item in items}
+    doc = {"split": {"file": str(Path(args.data)), "digest": digest(sorted(digests[p] for p in used)),
                      "items": {task: len(items) for task, items in task_items.items()}},
            "seed": args.seed, "n_negatives": args.n_negatives, "created_with": f"hones_core {version}", **results}
     doc["budgets_pct"] = results.get("budgets_pct", [args.top_ratio * 100])
@@ -211,12 +215,6 @@ def _store_evaluation(args: argparse.Namespace, artifact, task_items: dict, resu
     doc["cross"] = results.get("cross_ablation", {})
     doc["groups"] = results.get("cross")
     rankings.save_evaluation(args.rankings, doc)
-
-
-def _image_digests(paths: list[str]) -> list[str]:
-    from .files import bytes_digest
-
-    return [bytes_digest(Path(p).read_bytes()) for p in paths]
 
 
 def _check_methods(artifact, tasks: list[str], methods: list[str]) -> None:

@@ -72,23 +72,29 @@ def budget_key(pct: float) -> str:
     return f"{pct:g}"
 
 
-def cross_ablation(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, method: str, ratio: float,
-                   *, seed: int = 0, batch_size: int = 32, shard: Shard = Shard()) -> dict:
-    """Mask task A's top set, measure the relative drop on task B, for every pair of tasks.
+def cross_ablation(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, methods: Sequence[str],
+                   ratio: float, *, seed: int = 0, batch_size: int = 32, shard: Shard = Shard()) -> dict[str, dict]:
+    """Mask task A's top set, measure the relative drop on task B, for every pair of tasks and every method.
+
+    Each task's items are evaluated once, under every (method, task A) set in shared batches, so
+    the unmasked metric of a task is computed once, not once per method.
 
     Returns:
-        `{"tasks": [...], "matrix": [[rel_drop of row task A's set on column task B]], "specificity": float}`:
-        specificity is the mean diagonal drop minus the mean off-diagonal drop (percentage points;
-        high means each task's neurons matter for that task more than for the others).
+        `{method: {"tasks": [...], "matrix": [[rel_drop of row task A's set on column task B]],
+        "specificity": float}}`: specificity is the mean diagonal drop minus the mean off-diagonal
+        drop (percentage points; high means each task's neurons matter for that task more than for
+        the others).
     """
     tasks = list(items_by_task)
-    sets = {a: artifact.task(a).select(method, ratio, seed=seed) for a in tasks}
-    matrix = [[0.0] * len(tasks) for _ in tasks]
+    sets = {f"{m}@{a}": artifact.task(a).select(m, ratio, seed=seed) for m in methods for a in tasks}
+    matrices = {m: [[0.0] * len(tasks) for _ in tasks] for m in methods}
     for j, b in enumerate(tasks):
         drops = evaluate_selections(vlm, items_by_task[b], sets, batch_size=batch_size, shard=shard)
-        for i, a in enumerate(tasks):
-            matrix[i][j] = drops[a]["rel_drop"]
-    return {"tasks": tasks, "matrix": matrix, "specificity": specificity(matrix)}
+        for m in methods:
+            for i, a in enumerate(tasks):
+                matrices[m][i][j] = drops[f"{m}@{a}"]["rel_drop"]
+    return {m: {"tasks": tasks, "matrix": matrix, "specificity": specificity(matrix)}
+            for m, matrix in matrices.items()}
 
 
 def specificity(matrix: Sequence[Sequence[float]]) -> float | None:
@@ -116,26 +122,30 @@ def report(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, 
     from .selection import jaccard, overlap_groups
 
     out: dict = {"ratio": ratio, "methods": list(methods), "tasks": {}}
+    ratio_pct = round(ratio * 100, 10)      # 0.05 * 100 is 5.000000000000001
+    at_ratio = budget_key(ratio_pct)
+    budgets = sorted({float(b) for b in budgets_pct} | {ratio_pct})
+    drops = {}
     for task, items in items_by_task.items():
+        # the budget curves and the ratio's column in one evaluation: the unmasked metric computed once
         ranking = artifact.task(task)
-        selections = {m: ranking.select(m, ratio, seed=seed) for m in methods}
-        out["tasks"][task] = evaluate_selections(vlm, items, selections, batch_size=batch_size, shard=shard)
+        curves = budget_curves(vlm, items, ranking, methods, budgets, seed=seed, batch_size=batch_size, shard=shard)
+        out["tasks"][task] = {m: dict(curve[at_ratio]) for m, curve in curves.items()}
         shortfall = ranking.shortfall("hones", ratio)
         if shortfall and "hones" in methods:
             out["tasks"][task]["hones"]["shortfall"] = shortfall
+        drops[task] = {m: {budget_key(b): curve[budget_key(b)] for b in budgets_pct} for m, curve in curves.items()}
     if budgets_pct:
-        out["budgets_pct"] = [float(b) for b in budgets_pct]
-        out["drops"] = {task: budget_curves(vlm, items, artifact.task(task), methods, budgets_pct, seed=seed,
-                                            batch_size=batch_size, shard=shard)
-                        for task, items in items_by_task.items()}
+        out["budgets_pct"] = sorted(float(b) for b in budgets_pct)
+        out["drops"] = drops
     if cross:
         hones = {task: artifact.task(task).select("hones", ratio) for task in items_by_task}
         out["jaccard"] = {a: {b: jaccard(hones[a], hones[b]) for b in hones} for a in hones}
         out["cross"] = {task: evaluate_selections(vlm, items_by_task[task], groups, batch_size=batch_size,
                                                   shard=shard)
                         for task, groups in overlap_groups(hones).items()}
-        out["cross_ablation"] = {m: cross_ablation(vlm, items_by_task, artifact, m, ratio, seed=seed,
-                                                   batch_size=batch_size, shard=shard) for m in methods}
+        out["cross_ablation"] = cross_ablation(vlm, items_by_task, artifact, methods, ratio, seed=seed,
+                                               batch_size=batch_size, shard=shard)
     return out
 
 

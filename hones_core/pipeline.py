@@ -159,11 +159,12 @@ def with_ape(results: Mapping[str, rankings.TaskRanking]) -> dict[str, rankings.
     return {t: replace(r, notes=f"{r.notes} {note}".strip()) for t, r in results.items()}
 
 
-def image_digests(task_items: dict[str, Sequence[TaskItem]]) -> list[str]:
-    """sha256 (16 hex digits) of every distinct image file of the items, sorted: what `mask-eval`
-    compares a held-out split with, so discovery images cannot be evaluated on by mistake."""
+def image_digests(task_items: dict[str, Sequence[TaskItem]]) -> dict[str, str]:
+    """{image path: sha256 (16 hex digits) of the file} for every distinct image of the items, each
+    read once: what `mask-eval` compares a held-out split with (the manifest keeps the sorted
+    digests), so discovery images cannot be evaluated on by mistake."""
     paths = sorted({str(item.image_path) for items in task_items.values() for item in items})
-    return sorted({bytes_digest(Path(p).read_bytes(), length=16) for p in paths})
+    return {p: bytes_digest(Path(p).read_bytes(), length=16) for p in paths}
 
 
 def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *, data_file: str,
@@ -187,7 +188,7 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
         params={**asdict(params), "max_new_tokens": MAX_NEW_TOKENS,
                 "top_heads": params.top_heads or default_top_heads(vlm.arch.num_layers, vlm.arch.num_heads)},
         data={"file": Path(data_file).name, "items": {t: len(i) for t, i in task_items.items()},
-              "image_digests": image_digests(task_items)},
+              "image_digests": sorted(set(image_digests(task_items).values()))},
         created_with=f"hones_core {__version__}")
     if shard.is_main:
         rankings.save(artifact, out)

@@ -42,7 +42,7 @@ def test_budget_curves_and_cross_ablation_match_separate_runs(toy_vlm, toy_items
             alone = evaluate_selections(toy_vlm, items["vqa"], {"x": artifact.task("vqa").select(method, pct / 100)},
                                         batch_size=8)["x"]
             assert curves[method][f"{pct}"] == pytest.approx(alone)
-    cross = cross_ablation(toy_vlm, items, artifact, "hones", 0.05, batch_size=8)
+    cross = cross_ablation(toy_vlm, items, artifact, ["hones"], 0.05, batch_size=8)["hones"]
     assert cross["tasks"] == ["vqa", "ocr"]
     for i, a in enumerate(cross["tasks"]):
         for j, b in enumerate(cross["tasks"]):
