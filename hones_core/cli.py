@@ -290,15 +290,38 @@ def cmd_toy_data(args: argparse.Namespace) -> None:
 
 
 def cmd_toy_train(args: argparse.Namespace) -> None:
-    from .toy.train import TrainConfig, train
+    from dataclasses import replace
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, loss=args.loss,
-                      vqa_per_image=args.vqa_per_image)
-    data_file = Path(args.data)
-    if data_file.is_dir():
-        data_file = data_file / "train.json"
-    summary = train(data_file, args.out, cfg=cfg, max_steps=args.max_steps)
-    print(json.dumps(summary), flush=True)
+    from .toy.train import RECIPES, train
+
+    recipe = replace(RECIPES[args.recipe], seed=args.seed).only(args.stage)
+    if args.steps_scale != 1.0:
+        recipe = recipe.scaled(args.steps_scale)
+    on_evaluate = None
+    if args.eval_every:
+        from .toy.evaluate import report
+
+        def on_evaluate(vlm, stage, step):
+            result = report(vlm, seed=args.eval_seed, n=args.eval_n, tasks=("vqa",))
+            print(json.dumps({"stage": stage, "step": step, "vqa": {k: v["accuracy"] for k, v in result["vqa"].items()}}),
+                  flush=True)
+
+    summary = train(args.out, recipe, init=args.init, threads=args.threads,
+                    checkpoint_minutes=args.checkpoint_minutes, evaluate_every=args.eval_every,
+                    on_evaluate=on_evaluate)
+    print(json.dumps({k: v for k, v in summary.items() if k != "stages"}
+                     | {"stages": [{k: st[k] for k in ("name", "steps", "seconds", "last_loss")} for st in summary["stages"]]}),
+          flush=True)
+
+
+def cmd_toy_eval(args: argparse.Namespace) -> dict:
+    from .toy.evaluate import report
+
+    vlm = _load(args)
+    result = report(vlm, seed=args.seed, n=args.n, shift=args.shift,
+                    negatives=tuple(int(k) for k in args.negatives.split(",")), batch_size=args.batch_size)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def cmd_toy_examples(args: argparse.Namespace) -> None:
@@ -453,18 +476,36 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--shift", default="none", help="none, combos, small-text or clutter")
     p.set_defaults(func=cmd_toy_data)
 
-    p = sub.add_parser("toy-train", help="train the toy VLM from scratch on a synthetic world")
-    p.add_argument("--data", required=True, help="the world folder (uses train.json) or a split file")
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p = sub.add_parser("toy-train", help="train the toy VLM on the synthetic world (the staged recipe of toy/train.py)")
+    p.add_argument("--out", required=True, help="where the model goes; a killed run resumes from its checkpoint there")
+    p.add_argument("--stage", action="append", default=None,
+                   help="run only this stage of the recipe (vision, lookup1, lookup2, lookup3, instruct); repeat for several; "
+                        "default: all, in order")
+    p.add_argument("--init", default=None, help="start from this saved toy VLM instead of a fresh model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--loss", choices=["token", "example"], default="example",
-                   help="average the cross-entropy over a batch's answer tokens, or per example first")
-    p.add_argument("--vqa-per-image", type=int, default=2, help="fresh VQA questions per image and epoch")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every stage's steps (e.g. 0.1 for a quick probe)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--recipe", default="shipped", choices=["shipped", "no-pointer", "no-curriculum", "image-first",
+                                                          "no-vision"],
+                   help="the shipped recipe or one of the ablations README measures")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="print VQA accuracy (every well-defined question, per type and size) on a fresh split "
+                        "every N steps of a stage and at its end; 0: off")
+    p.add_argument("--eval-seed", type=int, default=4242)
+    p.add_argument("--eval-n", type=int, default=300)
     p.set_defaults(func=cmd_toy_train)
+
+    p = sub.add_parser("toy-eval", help="the toy VLM's report card on a fresh world split: every well-defined "
+                                        "VQA question per type and number of shapes, OCR, captions, retrieval")
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, default=777, help="the world seed (never one used in training)")
+    p.add_argument("--n", type=int, default=300, help="images (the test split of toy-data --seed S --n-test N)")
+    p.add_argument("--shift", default="none", help="none, combos, small-text or clutter")
+    p.add_argument("--negatives", default="9,49", help="retrieval negatives per image, comma-separated")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_toy_eval)
 
     p = sub.add_parser("toy-examples", help="write the app's examples gallery (examples.json + PNGs)")
     p.add_argument("--out", required=True, help="folder, e.g. assets/examples")

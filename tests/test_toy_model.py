@@ -11,7 +11,9 @@ from hones_core.models import load_vlm
 from hones_core.tasks import items_for_task
 from hones_core.toy import annotate, world
 from hones_core.toy.model import ToyConfig, build_tokenizer
-from hones_core.toy.train import TrainConfig, train
+from hones_core.errors import ProgressMismatchError
+from hones_core.toy.train import Recipe, Stage, train
+import torch
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY = ASSETS / "toy-vlm"
@@ -59,58 +61,126 @@ def test_tokenizer_round_trips_world_text():
     assert tok.decode(ids) == text
 
 
+TINY = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
+
+
+def _tiny_recipe(**kw):
+    from hones_core.toy.stream import Mix
+
+    stages = (Stage("vision", kind="vision", steps=6, batch_size=8, warmup_steps=2),
+              Stage("lookup", steps=5, batch_size=8, warmup_steps=2,
+                    mix=Mix(tasks=(("vqa", 1.0), ("retrieval", 0.5)), question_types=("position",), max_shapes=2),
+                    pointer_weight=1.0, pointer_layer=1),
+              Stage("instruct", steps=5, batch_size=8, warmup_steps=2, lr_scale=(("vision", 0.0), ("connector", 0.5))))
+    return Recipe(stages=kw.pop("stages", stages), model=TINY, **kw)
+
+
 def test_training_a_few_steps_lowers_the_loss(tmp_path):
-    world.write_world(tmp_path / "w", seed=5, n_discovery=1, n_dev=1, n_test=1, n_train=48, image_size=96,
-                      progress=False)
-    tiny = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
-    summary = train(tmp_path / "w" / "train.json", tmp_path / "model", cfg=TrainConfig(epochs=10, batch_size=16, focus_steps=20,
-                    lr=3e-3, warmup_steps=2), model_config=tiny, progress=False)
-    curve = json.loads((tmp_path / "model" / "training.json").read_text())
-    assert summary["steps"] == curve["steps"] > 40   # last_loss averages the last 20 steps
-    assert summary["last_loss"] < 0.7 * summary["first_loss"]
+    from hones_core.toy.stream import Mix
+
+    recipe = Recipe(stages=(Stage("vision", kind="vision", steps=30, batch_size=16, warmup_steps=2, lr=3e-3),
+                            Stage("count", steps=40, batch_size=16, warmup_steps=2, lr=3e-3,
+                                  mix=Mix(tasks=(("vqa", 1.0),), question_types=("count",)))), model=TINY)
+    summary = train(tmp_path / "model", recipe, progress=False)
+    log = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert [s["name"] for s in log["stages"]] == ["vision", "count"] == [s["name"] for s in summary["stages"]]
+    for stage in log["stages"]:
+        assert stage["last_loss"] < 0.8 * stage["first_loss"], stage["name"]
+    assert set(log["stages"][0]["readout_accuracy"]) == {"color", "shape", "size", "word", "cell"}
+    assert not (tmp_path / "model" / ".checkpoint.safetensors").exists()
     reloaded = load_vlm(tmp_path / "model", device="cpu")
-    assert reloaded.arch.num_layers == 1
+    assert type(reloaded.model).__name__ == "Idefics3ForConditionalGeneration"   # the read-out heads are gone
+    assert not any("head" in k and "lm_head" not in k for k in reloaded.model.state_dict())
+    # the recipe's template: the question before the image
+    assert reloaded.chat_prompt("Q?").startswith("USER: Q?\n<image>")
 
 
-def test_training_examples_ask_fresh_questions_about_the_recorded_scene(tmp_path):
-    from hones_core.models import VLM, load_image
-    from hones_core.toy.model import build_toy_vlm
-    from hones_core.toy.train import Encoder, _examples, _scenes
+def test_a_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
 
-    world.write_world(tmp_path / "w", seed=6, n_discovery=1, n_dev=1, n_test=1, n_train=20, image_size=96,
-                      progress=False)
-    records = read_records(tmp_path / "w" / "train.json")
-    scenes = _scenes(tmp_path / "w" / "train.json")
-    tiny = ToyConfig(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, intermediate_size=64)
-    vlm = VLM(*build_toy_vlm(annotate.vocabulary(), config=tiny), name="tiny")
-    encoder = Encoder(vlm, load_image(records[0].image_path))
-    index = {r.index: i for i, r in enumerate(records)}
+    recipe = _tiny_recipe()
+    train(tmp_path / "once", recipe, progress=False)
+    stops = []
+    for stop_after in (4, 3, 4, 100):
+        result = train(tmp_path / "resumed", recipe, progress=False, stop_after=stop_after)
+        stops.append((result.get("stage"), result.get("step")) if result.get("stopped") else "done")
+    # vision has 6 steps: stop after 4; then 2 more + 1 of lookup; then lookup's last 4, stopping between
+    # stages; then instruct
+    assert stops == [("vision", 4), ("lookup", 1), ("instruct", 0), "done"]
+    once = load_file(tmp_path / "once" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert once.keys() == resumed.keys()
+    for name in once:        # the same computation on the same machine: bit for bit
+        assert torch.equal(once[name], resumed[name]), name
+    first = json.loads((tmp_path / "once" / "training.json").read_text())
+    second = json.loads((tmp_path / "resumed" / "training.json").read_text())
+    assert [s["loss_curve"] for s in first["stages"]] == [s["loss_curve"] for s in second["stages"]]
 
-    def possible(scene):
-        """Every (question, answer) the world can ask about `scene`, lowercased like the tokenizer."""
-        out = set()
-        for qtype, target in annotate._vqa_options(scene):
-            for template in annotate.VQA_TEMPLATES[qtype]:
-                if qtype == "count":
-                    out.add((template.lower(), str(len(scene.objects))))
-                else:
-                    question = template.format(color=target.color, shape=target.shape)
-                    answer = {"color": target.color, "shape": target.shape, "position": target.position}[qtype]
-                    out.add((question.lower(), answer))
-        return out
 
-    def vqa_pairs(seed):
-        examples = _examples(records, encoder, index, seed=seed, n_negatives=3, scenes=scenes, vqa_per_image=2)
-        pairs = []
-        for e in (e for e in examples if e.task == "vqa"):
-            text = vlm.tokenizer.decode(e.input_ids)
-            question = text.split("question: ")[1].split(" answer the question")[0].strip()
-            answer = vlm.tokenizer.decode(e.input_ids[-e.n_labels:-1]).strip()
-            pairs.append((e.image, question, answer))
-        return pairs
+def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):
+    from dataclasses import replace
 
-    first, second = vqa_pairs(0), vqa_pairs(1)
-    assert len(first) == 2 * len(records)
-    assert first != second                      # new questions each epoch
-    for image, question, answer in first + second:
-        assert (question, answer) in possible(scenes[records[image].index]), (question, answer)
+    train(tmp_path / "m", _tiny_recipe(), progress=False, stop_after=2)
+    with pytest.raises(ProgressMismatchError, match="another recipe"):
+        train(tmp_path / "m", replace(_tiny_recipe(), seed=1), progress=False)
+
+
+def test_frozen_groups_do_not_move(tmp_path):
+    from hones_core.toy.stream import Mix
+
+    recipe = Recipe(stages=(Stage("text-only", steps=3, batch_size=4, warmup_steps=1, mix=Mix(tasks=(("caption", 1.0),)),
+                                  lr_scale=(("vision", 0.0), ("connector", 0.0))),), model=TINY)
+    train(tmp_path / "a", Recipe(stages=(), model=TINY), progress=False)      # the seeded initial weights
+    train(tmp_path / "b", recipe, progress=False)
+    from safetensors.torch import load_file
+    before, after = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(not k.startswith(("model.vision_model.", "model.connector.")) for k in moved)
+
+
+def test_readout_labels_by_hand():
+    from hones_core.toy.scenes import Scene, SceneObject
+    from hones_core.toy.train import readout_labels
+
+    scene = Scene(96, "none", (SceneObject("red", "star", "large", "left", (0, 0, 1, 1)),
+                               SceneObject("pink", "circle", "small", "top", (0, 0, 1, 1))),
+                  word="owl", word_box=(64, 64, 30, 20))
+    labels = readout_labels([scene])
+    # left = (column 0, row 1) -> cell 3; top = (1, 0) -> cell 1; the word box starts in cell 8
+    assert labels["color"][0].tolist() == [0, 7, 0, 1, 0, 0, 0, 0, 0]   # pink is the 7th colour, red the 1st
+    assert labels["shape"][0].tolist() == [0, 1, 0, 4, 0, 0, 0, 0, 0]   # circle 1st, star 4th
+    assert labels["size"][0].tolist() == [0, 1, 0, 2, 0, 0, 0, 0, 0]
+    assert labels["word"][0].tolist()[8] == world.OCR_WORDS.index("owl") + 1 and sum(labels["word"][0].tolist()[:8]) == 0
+    assert labels["cell"][0].tolist() == list(range(9))
+
+
+def test_toy_train_and_toy_eval_from_the_command_line(tmp_path, capsys):
+    from hones_core.cli import main
+
+    out = tmp_path / "model"
+    assert main(["toy-train", "--out", str(out), "--steps-scale", "0.001", "--threads", "1"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["name"] for s in trained["stages"]] == ["vision", "lookup1", "lookup2", "lookup3", "instruct"]
+    assert all(s["steps"] >= 1 for s in trained["stages"])
+    assert main(["toy-eval", "--model", str(out), "--seed", "31", "--n", "6", "--negatives", "3,5", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # every well-defined question of the same six images, in both phrasings, counted by hand
+    world.write_world(tmp_path / "w", seed=31, n_discovery=0, n_dev=0, n_test=6, progress=False)
+    raw = json.loads((tmp_path / "w" / "test.json").read_text())["data"]
+    expected: dict[str, int] = {}
+    for record in raw:
+        objects = record["scene"]["objects"]
+        for o in objects:
+            kinds = ["position"]
+            if sum(p["shape"] == o["shape"] for p in objects) == 1:
+                kinds.append("color")
+            if sum(p["color"] == o["color"] for p in objects) == 1:
+                kinds.append("shape")
+            for kind in kinds:
+                expected[kind] = expected.get(kind, 0) + 2
+        expected["count"] = expected.get("count", 0) + 2
+    assert {k: report["vqa"][k]["n"] for k in expected} == expected
+    assert report["vqa"]["all"]["n"] == sum(expected.values())
+    assert report["ocr"]["n"] == sum("ocr" in r for r in raw) and report["caption"]["n"] == 6
+    assert report["retrieval_1+3"]["n"] == report["retrieval_1+5"]["n"] == 6
+    assert 0.0 <= report["vqa"]["all"]["accuracy"] <= 1.0

@@ -104,6 +104,18 @@ def captions(scene: Scene) -> list[str]:
     ]
 
 
+def describes(caption: str, scene: Scene) -> bool:
+    """Whether `caption` is true of `scene`: exactly when it is one of the scene's five captions.
+
+    Exact, not a heuristic: every caption template names every shape (with the attributes that
+    template names) and the word when there is one, in a fixed order, so a caption made from
+    any scene by any template is true of `scene` only if the same template gives the same words
+    for `scene`. Compared lowercased and without spaces before punctuation, as the tokenizer does.
+    """
+    key = " ".join(tokenize(caption))
+    return any(" ".join(tokenize(own)) == key for own in captions(scene))
+
+
 def _vqa_options(scene: Scene) -> list[tuple[str, SceneObject | None]]:
     """(question type, target object) pairs whose answer is unique in this scene."""
     objs = scene.objects
@@ -184,5 +196,5 @@ def scene_from_record(record: dict) -> Scene:
                  scene["font_size"] or 0)
 
 
-__all__ = ["NUMBER_WORDS", "VQA_TEMPLATES", "tokenize", "vocabulary", "captions", "make_vqa", "annotate",
+__all__ = ["NUMBER_WORDS", "VQA_TEMPLATES", "tokenize", "vocabulary", "captions", "describes", "make_vqa", "annotate",
            "scene_from_record"]

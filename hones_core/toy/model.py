@@ -23,17 +23,35 @@ from .. import tasks
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>",
                   "<end_of_utterance>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ 'ASSISTANT: ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ ' ' }}{% else %}{{ '</s>' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+_USER_PARTS = {
+    # the parts of the user turn in their order: image first (LLaVA-1.5's layout) ...
+    "image-first": ("{% for part in message['content'] %}"
+                    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+                    "{% endfor %}"),
+    # ... or the text first and the image after it, wherever the message put them
+    "question-first": ("{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+                       "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '\\n<image>' }}{% endif %}{% endfor %}"),
+}
+
+
+def chat_template(layout: str) -> str:
+    """The toy's chat template: `USER: <image>\\n{prompt} ASSISTANT: {answer}</s>` ("image-first")
+    or `USER: {prompt}\\n<image> ASSISTANT: {answer}</s>` ("question-first")."""
+    if layout not in _USER_PARTS:
+        raise ValueError(f"unknown template layout {layout!r}; choose one of {', '.join(_USER_PARTS)}")
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ 'ASSISTANT: ' }}{% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        + _USER_PARTS[layout] + "{% endif %}"
+        "{% if message['role'] == 'user' %}{{ ' ' }}{% else %}{{ '</s>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+TEMPLATES: tuple[str, ...] = tuple(_USER_PARTS)
+CHAT_TEMPLATE = chat_template("image-first")
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -76,7 +94,7 @@ def build_tokenizer(words: set[str] | list[str]) -> PreTrainedTokenizerFast:
 
 
 def build_toy_vlm(words: set[str] | list[str], out: str | Path | None = None, *, config: ToyConfig = ToyConfig(),
-                  seed: int = 0) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+                  seed: int = 0, template: str = "image-first") -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
     """A freshly initialised toy VLM and its processor (saved to `out` when given)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
@@ -98,7 +116,7 @@ def build_toy_vlm(words: set[str] | list[str], out: str | Path | None = None, *,
                                              do_image_splitting=False)
     image_tokens = (config.image_size // config.patch_size) ** 2 // config.scale_factor ** 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
-                                  chat_template=CHAT_TEMPLATE)
+                                  chat_template=chat_template(template))
     if out is not None:
         save(model, processor, out)
     return model, processor
