@@ -84,8 +84,8 @@ def test_mask_eval_budgets_cross_and_into_rankings(toy_world, app_rankings, tmp_
     assert "## Stored evaluation" in (artifact_dir / "README.md").read_text()
     with pytest.raises(ValueError, match="--budgets: every budget is a percentage above 0 and at most 100"):
         cli.main([*base, "--budgets", "0,1"])
-    with pytest.raises(RankingsError, match="--methods ap: not in the 'vqa' rankings; available: hones"):
-        cli.main([*base, "--methods", "hones,ap"])
+    with pytest.raises(RankingsError, match="--methods nonesuch: not in the 'vqa' rankings; available: hones, ap, ma"):
+        cli.main([*base, "--methods", "hones,nonesuch"])
 
 
 def test_masking_the_hones_set_equals_zeroing_its_down_proj_columns(toy_vlm, toy_items, app_rankings):
@@ -96,8 +96,9 @@ def test_masking_the_hones_set_equals_zeroing_its_down_proj_columns(toy_vlm, toy
     from hones_core.evaluation import evaluate
     from hones_core.models import VLM
 
-    items = toy_items("vqa")[:12]
-    selection = rankings.load(app_rankings).task("vqa").select("hones", 0.05)      # 77 of 1 536 neurons
+    # captions: the toy's task that depends on FFN neurons (its VQA answers go through attention)
+    items = toy_items("caption")[:12]
+    selection = rankings.load(app_rankings).task("caption").select("hones", 0.05)      # 77 of 1 536 neurons
     masked = evaluate_selections(toy_vlm, items, {"hones": selection}, batch_size=12)["hones"]
     edited = copy.deepcopy(toy_vlm.model)
     layers = edited.model.text_model.layers

@@ -5,7 +5,10 @@ Llama text model (width 128, 4 heads, FFN 384) through Idefics3's pixel-shuffle 
 (2x2 patches -> one token, so 9 image tokens). The tokenizer is word-level, trained by our own
 code on every word the synthetic world, the task prompts and the chat template use; it
 lowercases, splits words from punctuation, and its decoder puts punctuation back against the
-word before it. The chat template is LLaVA-1.5's: `USER: <image>\\n{prompt} ASSISTANT: {answer}</s>`.
+word before it. The chat template is ours (`chat_template`): LLaVA-1.5's layout
+(`USER: <image>\\n{prompt} ASSISTANT: {answer}</s>`, "image-first") or the question before the
+image (`USER: {prompt}\\n<image> ASSISTANT: {answer}</s>`, "question-first", what `toy-train`
+uses: see toy/train.py).
 """
 
 from __future__ import annotations
