@@ -41,11 +41,11 @@ NEURONS_FILE = "neurons.safetensors"
 TOP_FILE = "top.json"
 SCALES_FILE = "scales.safetensors"
 CARD_FILE = "README.md"
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = "evaluation.json"     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
 # other names people use for a method: the paper's issue text calls mean |z| "magnitude"
 METHOD_ALIASES = {"magnitude": "activation"}
 # the order menus and tables list baselines in (files store them alphabetically): the paper's, then ours
-BASELINE_ORDER = ("ap", "ma", "ape", "activation", "dvp")     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
+BASELINE_ORDER = ("ap", "ma", "ape", "activation", "dvp")
 
 
 # --------------------------------------------------------------------------- data

@@ -133,20 +133,33 @@ def _vqa_options(scene: Scene) -> list[tuple[str, SceneObject | None]]:
     return options + [("count", None)]
 
 
-def make_vqa(scene: Scene, rng: random.Random, *, question_id: int) -> dict:
-    """One question: the type uniformly among those well-defined for the scene, then a
-    target uniformly among the objects it can ask about, then one of two phrasings."""
-    options = _vqa_options(scene)
-    qtype = rng.choice(sorted({t for t, _ in options}))
-    target = rng.choice([o for t, o in options if t == qtype])
-    template = rng.choice(VQA_TEMPLATES[qtype])
+def ask(scene: Scene, qtype: str, target: SceneObject | None, template: str) -> tuple[str, str]:
+    """The question `template` asks about `target` (None for counting) and its answer in `scene`."""
     if qtype == "count":
-        question, answer = template, str(len(scene.objects))
-    else:
-        assert target is not None
-        question = template.format(color=target.color, shape=target.shape)
-        answer = {"color": target.color, "shape": target.shape,
-                  "position": target.position}[qtype]
+        return template, str(len(scene.objects))
+    assert target is not None
+    answer = {"color": target.color, "shape": target.shape, "position": target.position}[qtype]
+    return template.format(color=target.color, shape=target.shape), answer
+
+
+def draw_question(scene: Scene, rng: random.Random, types: Sequence[str] | None = None
+                  ) -> tuple[str, SceneObject | None, str, str]:
+    """(type, target, question, answer): the type uniformly among those well-defined for the
+    scene (among `types` when one of them is), then a target uniformly among the objects it can
+    ask about, then one of two phrasings."""
+    options = _vqa_options(scene)
+    available = sorted({t for t, _ in options})
+    if types is not None:
+        available = [t for t in available if t in types] or available
+    qtype = rng.choice(available)
+    target = rng.choice([o for t, o in options if t == qtype])
+    question, answer = ask(scene, qtype, target, rng.choice(VQA_TEMPLATES[qtype]))
+    return qtype, target, question, answer
+
+
+def make_vqa(scene: Scene, rng: random.Random, *, question_id: int) -> dict:
+    """One question (`draw_question`) with 10 annotator answers."""
+    qtype, _, question, answer = draw_question(scene, rng)
     all_answers = [answer] * 10
     # Annotators sometimes write numbers as words or capitalise: VQA normalisation matters.
     if qtype == "count":
@@ -196,5 +209,5 @@ def scene_from_record(record: dict) -> Scene:
                  scene["font_size"] or 0)
 
 
-__all__ = ["NUMBER_WORDS", "VQA_TEMPLATES", "tokenize", "vocabulary", "captions", "describes", "make_vqa", "annotate",
+__all__ = ["NUMBER_WORDS", "VQA_TEMPLATES", "tokenize", "vocabulary", "captions", "describes", "ask", "draw_question", "make_vqa", "annotate",
            "scene_from_record"]

@@ -19,7 +19,7 @@ from ..data import read_records
 from ..evaluation import evaluate
 from ..models import VLM
 from ..tasks import TaskItem, items_for_task, vqa_prompt
-from .annotate import VQA_TEMPLATES, _vqa_options, scene_from_record
+from .annotate import VQA_TEMPLATES, _vqa_options, ask, scene_from_record
 from .world import write_world
 
 
@@ -29,11 +29,7 @@ def vqa_items(records, scenes) -> list[tuple[TaskItem, str, int]]:
     for record, scene in zip(records, scenes):
         for qtype, target in _vqa_options(scene):
             for template in VQA_TEMPLATES[qtype]:
-                if qtype == "count":
-                    question, answer = template, str(len(scene.objects))
-                else:
-                    question = template.format(color=target.color, shape=target.shape)
-                    answer = {"color": target.color, "shape": target.shape, "position": target.position}[qtype]
+                question, answer = ask(scene, qtype, target, template)
                 item = TaskItem("vqa", record.image_path, vqa_prompt(question), (answer,), answer, record.index)
                 out.append((item, qtype, len(scene.objects)))
     return out

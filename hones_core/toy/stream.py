@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, replace
 
 from .. import tasks
-from .annotate import VQA_TEMPLATES, _vqa_options, captions, describes
+from .annotate import VQA_TEMPLATES, captions, describes, draw_question
 from .scenes import COLORS, OCR_WORDS, POSITION_CELLS, POSITIONS, SHAPES, SIZES, Scene, _allowed_combos, _place_in_cell, \
     _SIZE_FRACTION, generate_scene
 from .world import GENERATOR
@@ -85,20 +85,10 @@ def _scene(rng: random.Random, max_shapes: int) -> Scene:
 
 def vqa_question(scene: Scene, rng: random.Random, types: tuple[str, ...] | None = None
                  ) -> tuple[str, str, str, int | None]:
-    """(question type, question, answer, target cell) about `scene`, like `annotate.make_vqa` but
-    restricted to `types` when one of them is well-defined here; the cell is None for counting."""
-    options = _vqa_options(scene)
-    available = sorted({t for t, _ in options})
-    if types is not None:
-        available = [t for t in available if t in types] or available
-    qtype = rng.choice(available)
-    target = rng.choice([o for t, o in options if t == qtype])
-    template = rng.choice(VQA_TEMPLATES[qtype])
-    if qtype == "count":
-        return qtype, template, str(len(scene.objects)), None
-    assert target is not None
-    answer = {"color": target.color, "shape": target.shape, "position": target.position}[qtype]
-    return qtype, template.format(color=target.color, shape=target.shape), answer, cell_of(target.position)
+    """(question type, question, answer, target cell) about `scene` (`annotate.draw_question`);
+    the cell is None for counting."""
+    qtype, target, question, answer = draw_question(scene, rng, types)
+    return qtype, question, answer, None if target is None else cell_of(target.position)
 
 
 def perturb(scene: Scene, rng: random.Random) -> Scene:

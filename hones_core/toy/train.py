@@ -186,6 +186,8 @@ class Encoder:
     def ids(self, prompt: str, answer: str) -> tuple[tuple[int, ...], int]:
         answer_ids = self.vlm.answer_token_ids(prompt, answer, with_stop=True)
         if prompt not in self._heads:
+            if len(self._heads) >= 4096:     # retrieval prompts rarely repeat: keep the cache bounded
+                self._heads.clear()
             expanded: list[int] = []
             for t in self.vlm.tokenizer(self.vlm.chat_prompt(prompt))["input_ids"]:
                 expanded.extend(self.expansion if t == self.image_id else [t])
