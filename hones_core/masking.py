@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
+
+from . import metrics
 from .distributed import Shard
+from .evaluation import predict, references
 from .interventions import Plan
-from .localization import utilities
 from .models import VLM
 from .selection import Selection, size
-from .tasks import TaskItem
+from .tasks import TASKS, TaskItem
 
 
 def drop(base: float, masked: float) -> dict[str, float]:
@@ -37,16 +40,41 @@ def evaluate_selections(vlm: VLM, items: Sequence[TaskItem], selections: Mapping
                         ) -> dict[str, dict[str, float]]:
     """Metric with each selection masked (or scaled by `factor`), against the unmasked model.
 
-    With several processes (`shard`) each runs its share of the batches; metric statistics are
-    summed over processes before the metric is taken.
+    Besides the drop, each result counts the items whose answer the masking changed
+    (`"changed"` of `"items"`): the cleaned answer string, or for yes/no-scored tasks
+    (retrieval) the top-ranked candidate. A batch holds whole items (every plan's row of an
+    item), so each masked answer is compared with the base answer of the same batch.
+
+    With several processes (`shard`) each runs its share of the batches; metric statistics and
+    change counts are summed over processes before the metric is taken.
     """
     names = list(selections)
     plans = [None] + [Plan.scale_neurons(selections[name], factor) for name in names]
-    values = utilities(vlm, items, plans, "metric", batch_size=batch_size, shard=shard)
-    return {name: {**drop(values[0], value), "neurons": size(selections[name])}
-            for name, value in zip(names, values[1:])}
+    k = len(plans)
+    task = items[0].task
+    metric = TASKS[task].metric
+    refs = references(items)
+    stats = torch.zeros(k, metrics.statistics_size(metric), dtype=torch.float64)
+    changed = torch.zeros(k, dtype=torch.float64)
+    for batch in shard.batches(len(items), max(1, batch_size // k)):
+        rows = [items[i] for i in batch for _ in plans]
+        predictions = predict(vlm, rows, plans=[p for _ in batch for p in plans], batch_size=batch_size)
+        for p in range(k):
+            mine = predictions[p::k]
+            stats[p] += torch.tensor(metrics.statistics(metric, mine, [refs[i] for i in batch]), dtype=torch.float64)
+            changed[p] += sum(answer_of(a) != answer_of(b) for a, b in zip(mine, predictions[0::k]))
+    stats, changed = shard.sum(stats), shard.sum(changed)
+    values = [float(metrics.from_statistics(metric, s.tolist())) for s in stats]
+    return {name: {**drop(values[0], value), "neurons": size(selections[name]), "changed": int(changed[p + 1]),
+                   "items": len(items)}
+            for p, (name, value) in enumerate(zip(names, values[1:]))}
 
 
+def answer_of(prediction) -> object:
+    """What counts as "the answer" of a prediction: the text, or the top candidate's index (first on ties)."""
+    if isinstance(prediction, str):
+        return prediction
+    return max(range(len(prediction)), key=lambda i: (prediction[i], -i))
 
 
 def budget_curves(vlm: VLM, items: Sequence[TaskItem], ranking, methods: Sequence[str], budgets_pct: Sequence[float],
@@ -149,5 +177,5 @@ def report(vlm: VLM, items_by_task: Mapping[str, Sequence[TaskItem]], artifact, 
     return out
 
 
-__all__ = ["drop", "evaluate_selections", "budget_curves", "budget_key", "cross_ablation", "specificity",
+__all__ = ["drop", "evaluate_selections", "answer_of", "budget_curves", "budget_key", "cross_ablation", "specificity",
            "report"]

@@ -137,3 +137,28 @@ def test_masking_holds_at_every_decode_step(toy_vlm, toy_items):
     finally:
         handle.remove()
     assert max(seen) > 0          # without the plan those neurons are active
+
+
+@pytest.mark.parametrize("task", ["caption", "retrieval"])
+def test_changed_answers_are_counted_against_each_items_own_base_answer(toy_vlm, toy_items, app_rankings, task):
+    """The count of changed answers equals a plain loop: each item alone, base and masked, compared by hand."""
+    from hones_core import rankings
+    from hones_core.evaluation import predict
+    from hones_core.interventions import Plan
+
+    items = toy_items(task)[:6]
+    ranking = rankings.load(app_rankings).task(task)
+    sets = {"hones": ranking.select("hones", 0.05), "everything": {
+        layer: list(range(toy_vlm.arch.intermediate_size)) for layer in range(toy_vlm.arch.num_layers)}}
+    result = evaluate_selections(toy_vlm, items, sets, batch_size=8)
+    for name, selection in sets.items():
+        expected = 0
+        for item in items:
+            base = predict(toy_vlm, [item], batch_size=1)[0]
+            masked = predict(toy_vlm, [item], plans=Plan.scale_neurons(selection, 0.0), batch_size=1)[0]
+            if task == "retrieval":    # the top candidate (first of equal margins)
+                base, masked = (max(range(len(v)), key=lambda i: (v[i], -i)) for v in (base, masked))
+            expected += base != masked
+        assert result[name]["changed"] == expected
+        assert result[name]["items"] == len(items)
+    assert result["everything"]["changed"] >= 1       # masking every neuron changes something
