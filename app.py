@@ -44,6 +44,7 @@ GOLD_LABELS = {"vqa": "Gold answer (optional)", "ocr": "Gold text (optional)",
                "caption": "Reference caption (optional)", "retrieval": "True caption (optional)"}
 GOLD_INFO = "Scored against both answers when given. Retrieval: one of the candidates, copied exactly."
 STALE = "_Not computed: the last request failed._"
+STORED_TITLES = {"budget": "Relative drop against budget (stored)", "cross": "Cross-ablation (stored)"}
 INTRO = """# HONES: heads → neurons → steering
 Pick a task and an example (or upload an image), choose which FFN neurons to scale and by how much, and press
 **Run**. The base model and the steered model (the selected neurons' activations × the factor) answer side by
@@ -114,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default: {DEFAULT_HOST})")
     p.add_argument("--port", type=_port, default=None,
                    help=f"[HONES_PORT, GRADIO_SERVER_PORT] port (default: {DEFAULT_PORT})")
+    p.add_argument("--no-autorun", dest="autorun", action="store_false",
+                   default=env("HONES_AUTORUN", "1").strip().lower() not in ("0", "false", "no"),
+                   help="[HONES_AUTORUN=0] open the page without running the default example (a share link still "
+                        "runs its request); for deployments where every run is costly (default: run it)")
     p.add_argument("--concurrency", type=_positive, default=None,
                    help=f"[HONES_CONCURRENCY] requests processed at the same time (default: {DEFAULT_CONCURRENCY})")
     args = p.parse_args(argv)
@@ -246,6 +251,15 @@ class Page:
     plot_captions: dict = field(default_factory=dict)
     download: Any = None
     last: Any = None
+    app: Any = None
+    tabs_box: Any = None              # the gr.Tabs holding the task tabs
+    evidence: Any = None              # the stored evaluation's line for this set and budget
+    stored_images: dict = field(default_factory=dict)     # "budget" / "cross" -> gr.Image
+    stored_captions: dict = field(default_factory=dict)
+    share: Any = None
+    share_link: Any = None
+    share_note: Any = None
+    page_url: Any = None
 
     @property
     def inputs(self) -> list:
@@ -254,16 +268,20 @@ class Page:
 
     def outputs(self, keys: list[str]) -> list:
         return [self.base_answer, self.steered_answer, self.summary, self.table, *[self.plot_images[k] for k in keys],
-                *[self.plot_captions[k] for k in keys], self.download, self.last]
+                *[self.plot_captions[k] for k in keys], self.download, self.last, self.evidence]
+
+    @property
+    def stored_outputs(self) -> list:
+        return [*self.stored_images.values(), *self.stored_captions.values()]
 
 
-def _task_tabs(service, examples: dict, image, gold) -> tuple[dict, dict]:
+def _task_tabs(service, examples: dict, image, gold, first: str) -> tuple[dict, dict, Any]:
     """One tab per task (greyed out with the reason where the rankings lack it), its input box and examples."""
     import gradio as gr
 
     available, unavailable = service.tasks, service.unavailable()
     boxes, tabs = {}, {}
-    with gr.Tabs(selected=available[0]):
+    with gr.Tabs(selected=first) as tabs_box:
         for name, spec in TASKS.items():
             with gr.Tab(spec.title if name in available else f"{spec.title} (unavailable)", id=name,
                         interactive=name in available, elem_id=f"tab-{name}") as tab:
@@ -280,7 +298,7 @@ def _task_tabs(service, examples: dict, image, gold) -> tuple[dict, dict]:
                     extra = [boxes[spec.input]] if spec.input in boxes else []
                     gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
                                 label=f"{spec.title} examples", examples_per_page=8)
-    return boxes, tabs
+    return boxes, tabs, tabs_box
 
 
 def _input_column(service, examples: dict) -> Page:
@@ -289,10 +307,10 @@ def _input_column(service, examples: dict) -> Page:
 
     from hones_core.demo import FACTOR_MAX, FACTOR_MIN
 
-    first = service.tasks[0]
+    first = default_task(service, examples)
     image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"], elem_id="image")
     gold = gr.Textbox(label=GOLD_LABELS[first], info=GOLD_INFO, elem_id="gold", render=False)
-    boxes, tabs = _task_tabs(service, examples, image, gold)
+    boxes, tabs, tabs_box = _task_tabs(service, examples, image, gold, first)
     gold.render()
     owner = {spec.input: name for name, spec in TASKS.items()}    # a hidden box keeps the API's parameter names
     task_inputs = {kind: boxes.get(kind) or gr.Textbox(visible=False, label=f"{owner[kind]} input")
@@ -303,7 +321,14 @@ def _input_column(service, examples: dict) -> Page:
                             elem_id="budget"))
     method = gr.Dropdown(choices=service.methods(first), value="hones", label="Neuron set", elem_id="method")
     run = gr.Button("Run", variant="primary", elem_id="run")
-    return Page(None, image, task_inputs, gold, factor, budget, method, run, tabs)
+    page = Page(None, image, task_inputs, gold, factor, budget, method, run, tabs, tabs_box=tabs_box)
+    with gr.Row(equal_height=True):
+        page.share = gr.Button("Share link", size="sm", elem_id="share", scale=0, min_width=120)
+        page.share_link = gr.Textbox(show_label=False, placeholder="press Share link for a URL reproducing this "
+                                     "request", elem_id="share-link", buttons=["copy"], scale=4, interactive=False)
+    page.share_note = gr.Markdown(elem_id="share-note")
+    page.page_url = gr.Textbox(visible=False, label="page url")
+    return page
 
 
 def _output_column(page: Page) -> None:
@@ -318,6 +343,7 @@ def _output_column(page: Page) -> None:
         page.steered_answer = gr.HighlightedText(label="Steered model", elem_id="steered-answer",
                                                  color_map={"added": "#a6e3b8"}, show_legend=False)
     page.summary = gr.Markdown(label="Summary", elem_id="summary")
+    page.evidence = gr.Markdown(label="Held-out evidence", elem_id="evidence")
     page.table = gr.Dataframe(headers=TABLE_HEADERS, visible=False, interactive=False, wrap=True,
                               column_widths=TABLE_WIDTHS, label="Candidates ranked by Yes−No margin",
                               elem_id="ranking")
@@ -330,11 +356,23 @@ def _output_column(page: Page) -> None:
                                                      interactive=False, elem_id=f"plot-{key}", buttons=[])
                     page.plot_captions[key] = gr.Markdown(label=f"{PLOT_TITLES[key]} (caption)",
                                                           elem_id=f"caption-{key}")
+    with gr.Accordion("Stored evaluation: masking on held-out items, every method and budget", open=False,
+                      elem_id="stored"):
+        with gr.Row():
+            for key, title in STORED_TITLES.items():
+                with gr.Column(min_width=260):
+                    page.stored_images[key] = gr.Image(label=title, show_label=False, type="pil", interactive=False,
+                                                       elem_id=f"stored-{key}", buttons=[])
+                    page.stored_captions[key] = gr.Markdown(label=f"{title} (caption)", elem_id=f"stored-{key}-caption")
     page.download = gr.File(label="Download results (JSON)", elem_id="download")
 
 
-def build_app(service, examples_dir: str | None = None, examples: dict | None = None):
-    """The page: layout (`_input_column`, `_output_column`), then the events (`_wire`)."""
+def build_app(service, examples_dir: str | None = None, examples: dict | None = None, *, autorun: bool = True):
+    """The page: layout (`_input_column`, `_output_column`), then the events (`_wire`).
+
+    Opening the page fills in the default tab's first example and runs it (`autorun`), or the
+    request of a share link's query parameters (`hones_core.demo.share`).
+    """
     import gradio as gr
 
     from hones_core.demo import read_examples
@@ -343,25 +381,50 @@ def build_app(service, examples_dir: str | None = None, examples: dict | None = 
         examples = read_examples(examples_dir or DEFAULT_EXAMPLES)
     with gr.Blocks(title="HONES: heads → neurons → steering") as app:
         gr.Markdown(INTRO)
-        task = gr.Textbox(service.tasks[0], visible=False, label="task", elem_id="task")   # the tab; an API input
+        task = gr.Textbox(default_task(service, examples), visible=False, label="task",
+                          elem_id="task")   # the tab; an API input
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
                 page = _input_column(service, examples)
             with gr.Column(scale=3, min_width=420):
                 _output_column(page)
-        page.task, page.last = task, gr.State(None)
-        _wire(service, page)
+        page.task, page.last, page.app = task, gr.State(None), app
+        _wire(service, page, examples, autorun=autorun)
     return app
 
 
-def _wire(service, page: Page) -> None:
-    """Every event of the page, each with an api_name: run, sweep, slider moves, tab changes, error clearing."""
+def default_task(service, examples: dict) -> str:
+    """The tab the page opens on: the first task whose first gallery example changes under x0, else the first task.
+
+    (`examples.json` marks each example with `"changes"`: whether masking the HONES neurons at the
+    default budget changes its answer; see `hones_core.toy.examples`.)
+    """
+    for task in service.tasks:
+        rows = examples.get(task) or []
+        if rows and rows[0].get("changes"):
+            return task
+    return service.tasks[0]
+
+
+def _example_values(task: str, entry: dict) -> dict:
+    """The page's input values an examples.json entry fills: image, the task's typed input, gold."""
+    kind = TASKS[task].input
+    values = {"image": entry["image"], "gold": entry.get("answer", "")}
+    if kind in EXAMPLE_FIELDS:
+        values[kind] = EXAMPLE_FIELDS[kind](entry)
+    return values
+
+
+def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
+    """Every event of the page, each with an api_name: run, sweep, slider moves, tab changes, share, page load."""
     import gradio as gr
 
     from hones_core.demo import PLOTS, DemoInputError, write_results
+    from hones_core.demo.share import INPUT_PARAM, Gallery, make_link, parse_link
 
     results_dir = tempfile.mkdtemp(prefix="hones-results-")
     compute, compute_sweep = _on_gpu(service.compute), _on_gpu(service.compute_sweep)
+    gallery = Gallery(examples)
     keys = [k for k in PLOTS if k != "sweep"]
     inputs, outputs = page.inputs, page.outputs(keys)
     sweep_outputs = [page.plot_images["sweep"], page.plot_captions["sweep"], page.download]
@@ -373,7 +436,8 @@ def _wire(service, page: Page) -> None:
 
     def on_run(*values):
         try:
-            out = service.run(request(*values), compute=compute)
+            req = request(*values)
+            out = service.run(req, compute=compute)
         except DemoInputError as err:
             LOG.info("rejected input: %s", str(err).replace("\n", " "))   # one line; no traceback for bad input
             raise gr.Error(str(err), title="Cannot run this request", print_exception=False) from None
@@ -384,8 +448,9 @@ def _wire(service, page: Page) -> None:
         table_update = gr.Dataframe(value=out.table, visible=True) if out.table is not None else \
             gr.Dataframe(value=None, visible=False)
         path = write_results(out.results, results_dir)
+        evidence = service.evidence_line(req.task, req.method, req.budget_pct)
         return [out.base_answer, out.steered_answer, out.summary, table_update, *images, *captions, str(path),
-                out.results]
+                out.results, evidence]
 
     def on_sweep(results, *values):
         try:
@@ -408,22 +473,85 @@ def _wire(service, page: Page) -> None:
     def cleared(note: str) -> list:
         """Values for `cleared_outputs`: nothing from an earlier request stays on screen."""
         return [None, None, note, gr.Dataframe(value=None, visible=False), *[None] * len(keys),
-                *[note] * len(keys), None, None, None, note]
+                *[note] * len(keys), None, None, "", None, note]
 
     def on_failure():
         """An error leaves nothing from the previous request on screen that looks current."""
         return cleared(STALE)
 
+    def stored_values(name: str) -> list:
+        """The stored evaluation's figures for task `name` (drawn once per task), images then captions."""
+        figures = service.evidence_figures(name)
+        none = "_This artifact stores no held-out evaluation for this task._"
+        return [*[f[0] if f else None for f in figures.values()], *[f[1] if f else none for f in figures.values()]]
+
     def on_task(name):
         """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
-        return [gr.Dropdown(choices=service.methods(name), value="hones"),
-                gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared("")]
+        return [name, gr.Dropdown(choices=service.methods(name), value="hones"),
+                gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared(""),
+                *stored_values(name)]
 
+    def on_share(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_, url_):
+        """A URL reproducing the inputs on the page (`hones_core.demo.share`), and what it does not carry."""
+        try:
+            link = make_link(gallery, task=task_, image=image_,
+                             texts={"question": question_, "bbox": bbox_, "candidates": candidates_, "gold": gold_},
+                             method=method_, budget=budget_, factor=factor_)
+        except (TypeError, ValueError) as err:
+            return "", f"_No link: {err}. Fix the inputs first._"
+        return (url_ or "") + link.query, f"_{link.note}_"
+
+    def on_load(req):
+        """Open on a share link's request, else on the default tab's first example; then run it."""
+        params = dict(req.query_params) if req is not None else {}
+        skip = [gr.skip()] * (len(load_outputs) - 1)
+        try:
+            shared = parse_link(params, gallery, service.tasks)
+        except DemoInputError as err:
+            return [*skip, f"_This link cannot be opened: {err}_"]
+        if shared is None:
+            task_ = default_task(service, examples)
+            rows = examples.get(task_) or []
+            if not rows or not autorun:
+                return [*skip, ""]
+            values = _example_values(task_, rows[0])
+            factor_, budget_, method_ = 0.0, 1.0, "hones"
+            note = ""
+        else:
+            task_ = shared.task
+            values = {}
+            if shared.example:
+                ex_task, entry = gallery.by_id[shared.example]
+                values = _example_values(ex_task, entry) if ex_task == task_ else {"image": entry["image"]}
+            for kind, param in INPUT_PARAM.items():
+                if param in shared.texts:
+                    values[kind] = shared.texts[param]
+            if "gold" in shared.texts:
+                values["gold"] = shared.texts["gold"]
+            factor_, budget_ = shared.factor or 0.0, shared.budget or 1.0
+            method_ = shared.method or "hones"
+            note = "" if shared.example else "_This link carries no image: upload one, then press Run._"
+        methods = [k for _, k in service.methods(task_)]
+        return [gr.Tabs(selected=task_), task_, values.get("image"),
+                *[values.get(kind, "") for kind in INPUT_WIDGETS],
+                gr.Textbox(value=values.get("gold", ""), label=GOLD_LABELS.get(task_, GOLD_LABELS["vqa"])),
+                factor_, budget_,
+                gr.Dropdown(choices=service.methods(task_), value=method_ if method_ in methods else "hones"), note]
+
+    on_load.__annotations__["req"] = gr.Request     # gradio passes the request by this hint (a class, not a string)
+
+    def on_load_run(note, *values):
+        """Run what the load filled in (when it has an image); otherwise leave the page as it is."""
+        if not values[1]:
+            return [gr.skip()] * len(outputs)
+        return on_run(*values)
+
+    tab_outputs = [page.task, page.method, page.gold, *cleared_outputs, *page.stored_outputs]
     for name, tab in page.tabs.items():
-        tab.select(lambda n=name: n, outputs=page.task, queue=False, show_progress="hidden",
+        # a tab selected by the page itself (opening a share link sets the task first) keeps what was filled in
+        tab.select(lambda current, n=name: [gr.skip()] * len(tab_outputs) if current == n else on_task(n),
+                   inputs=page.task, outputs=tab_outputs, queue=False, show_progress="hidden",
                    api_name=f"select_{name}", api_visibility="private")
-    page.task.change(on_task, page.task, [page.method, page.gold, *cleared_outputs], queue=False,
-                     show_progress="hidden", api_name="set_task", api_visibility="private")
     run_event = page.run.click(on_run, inputs, outputs, api_name="run", concurrency_id="model")
     run_event.success(on_sweep, [page.last, *inputs], sweep_outputs, api_name="sweep", concurrency_id="model")
     run_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_error", api_visibility="private",
@@ -435,6 +563,20 @@ def _wire(service, page: Page) -> None:
                          api_visibility="private", concurrency_id="model")
     slider_event.failure(on_failure, None, cleared_outputs, api_name="clear_after_slider_error",
                          api_visibility="private", queue=False, show_progress="hidden")
+    # the page URL comes from the browser (the server cannot know the address a proxy serves it at)
+    page.share.click(on_share, [*inputs, page.page_url], [page.share_link, page.share_note], api_name="share",
+                     queue=False, js="(...args) => [...args.slice(0, -1), window.location.origin + "
+                                     "window.location.pathname]")
+    load_outputs = [page.tabs_box, page.task, page.image, *[page.task_inputs[k] for k in INPUT_WIDGETS], page.gold,
+                    page.factor, page.budget, page.method, page.share_note]
+    loaded = page.app.load(on_load, None, load_outputs, api_name="open", api_visibility="private", queue=False,
+                           show_progress="hidden")
+    opened = loaded.then(on_load_run, [page.share_note, *inputs], outputs, api_name="open_run",
+                         api_visibility="private", concurrency_id="model")
+    opened.success(on_slider_sweep, [page.last, *inputs], sweep_outputs, api_name="open_sweep",
+                   api_visibility="private", concurrency_id="model")
+    opened.then(lambda name: stored_values(name), page.task, page.stored_outputs, api_name="open_stored",
+                api_visibility="private", queue=False, show_progress="hidden")
 
 
 # --------------------------------------------------------------------------- start-up
@@ -453,10 +595,11 @@ def start(args: argparse.Namespace):
         service = load_service(args)
     except DemoConfigError as err:
         raise StartupError(str(err)) from None
-    app = build_app(service, args.examples, examples=examples)
+    app = build_app(service, args.examples, examples=examples, autorun=args.autorun)
     app.queue(default_concurrency_limit=args.concurrency)
     try:
-        app.launch(server_name=args.host, server_port=args.port, max_file_size="25mb", show_error=False, css=CSS)
+        app.launch(server_name=args.host, server_port=args.port, max_file_size="25mb", show_error=False, css=CSS,
+                   allowed_paths=[str(Path(args.examples).expanduser().resolve())])
     except OSError as err:   # the port was taken while the model loaded
         raise StartupError(f"could not listen on {args.host}:{args.port} ({err}); pick another port with --port N "
                            f"or HONES_PORT=N.") from None

@@ -178,7 +178,7 @@ def test_factor_zero_changes_an_answer_and_one_changes_none(client):
         same = client.predict(*_args(example, factor=1.0), api_name="/run")
         base, steered = _answers(same)
         assert base == steered, example
-        results = json.loads(open(same[-1]).read()) if isinstance(same[-1], str) else None
+        results = json.loads(open(same[14]).read()) if isinstance(same[14], str) else None
         if results is not None and example["task"] == "retrieval":
             assert results["base"]["margins"] == results["steered"]["margins"]
         changed += _answers(masked)[0] != _answers(masked)[1]
@@ -363,3 +363,20 @@ def _fn_index(blocks, api_name: str) -> int:
         if fn.api_name == api_name:
             return index
     raise KeyError(api_name)
+
+
+def test_the_run_says_what_the_stored_evaluation_shows_and_share_gives_a_link(client):
+    """/run's last output is the held-out evidence line; /share gives a query that names the example."""
+    from urllib.parse import parse_qs, urlsplit
+
+    example = _examples()["caption"][0]
+    result = client.predict(*_args(example, factor=0.0, budget=1.0), api_name="/run")
+    assert result[-1].startswith("**On ") and "held-out items" in result[-1] and "(HONES, 1 %)" in result[-1]
+    link, note = client.predict(*_args(example, factor=0.5, budget=2.0, method="random"), "http://space.example/",
+                                api_name="/share")
+    parts = urlsplit(link)
+    assert (parts.scheme, parts.netloc) == ("http", "space.example")
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert query == {"task": "caption", "example": Path(example["image"]).stem, "gold": example["answer"],
+                     "method": "random", "budget": "2", "factor": "0.5"}
+    assert "same example" in note

@@ -68,10 +68,13 @@ def launched(toy_vlm, app_rankings):
     blocks.close()
 
 
-def _open(browser, launched):
+def _open(browser, launched, query: str = ""):
+    """The page, once the request it opens on (the default example, or a share link's) has been answered."""
     page = browser.new_page(viewport={"width": 1400, "height": 1700})
-    page.goto(launched.local_url, wait_until="domcontentloaded")   # no network: fonts never finish
+    page.goto(launched.local_url + query, wait_until="domcontentloaded")   # no network: fonts never finish
     page.locator("#run").wait_for(timeout=30_000)
+    page.wait_for_function("document.querySelector('#summary').innerText.includes('Computed in')", timeout=60_000)
+    page.locator("#plot-sweep img").first.wait_for(timeout=60_000)
     return page
 
 
@@ -161,7 +164,7 @@ def test_tabs_keep_their_own_inputs_and_errors_leave_nothing_stale(browser, laun
     box.press("Tab")
     page.locator("#run").click()
     _wait_answers(page)
-    page.wait_for_function("document.querySelector('#summary').innerText.includes('Computed in')", timeout=60_000)
+    page.wait_for_function("document.querySelector('#summary').innerText.includes('×0.5')", timeout=60_000)
     page.wait_for_timeout(1500)    # let any second computation land
     assert len(launched.computed) - before == 1
     assert "×0.5" in _summary(page)
@@ -180,4 +183,55 @@ def test_tabs_keep_their_own_inputs_and_errors_leave_nothing_stale(browser, laun
     page.wait_for_timeout(1000)
     assert toasts.count() <= shown
     assert _summary(page).strip() == ""
+    page.close()
+
+
+def test_the_page_opens_on_an_example_that_changes_and_a_share_link_reproduces_a_request(browser, launched):
+    from hones_core.demo import read_examples
+
+    examples = read_examples(ASSETS / "examples")
+    page = _open(browser, launched)
+    # the first view already shows the default example answered, with its held-out evidence line
+    assert "held-out items" in page.locator("#evidence").inner_text()
+    # a request of another tab, then Share: the link names the example and the settings
+    ocr = examples["ocr"][0]
+    page.locator("button[role=tab]:has-text('OCR')").first.click()
+    page.locator("#bbox textarea, #bbox input").first.wait_for(timeout=20_000)
+    page.locator("text=OCR examples").first.wait_for(timeout=20_000)
+    page.locator("#tab-ocr img").first.click()           # the first OCR example fills image, box and gold
+    page.wait_for_function("document.querySelector('#gold textarea').value !== ''", timeout=20_000)
+    box = page.locator("#factor input[type=number]")
+    box.fill("0.5")
+    box.press("Tab")
+    page.locator("#share").click()
+    page.wait_for_function("document.querySelector('#share-link textarea, #share-link input').value"
+                           ".includes('example=')", timeout=20_000)
+    link = page.locator("#share-link textarea, #share-link input").first.input_value()
+    assert link.startswith(launched.local_url.rstrip("/")) and "task=ocr" in link and "factor=0.5" in link
+    page.close()
+    # opening the link: the OCR tab, the example's box and gold answer, x0.5, already run
+    shared = browser.new_page(viewport={"width": 1400, "height": 1700})
+    shared.goto(link, wait_until="domcontentloaded")
+    shared.locator("#run").wait_for(timeout=30_000)
+    shared.wait_for_function("document.querySelector('#summary').innerText.includes('×0.5')", timeout=60_000)
+    assert shared.locator("#gold textarea").input_value() == ocr["answer"]
+    assert shared.locator("#bbox textarea, #bbox input").first.input_value() == ", ".join(str(v) for v in ocr["bbox"])
+    assert shared.locator("button[role=tab][aria-selected=true]").first.inner_text().startswith("OCR")
+    assert shared.locator("text=Traceback").count() == 0
+    shared.close()
+    # a damaged link says what is wrong instead of failing
+    broken = browser.new_page()
+    broken.goto(launched.local_url + "?example=example-999", wait_until="domcontentloaded")
+    broken.locator("#run").wait_for(timeout=30_000)
+    broken.wait_for_function("document.querySelector('#share-note').innerText.includes('cannot be opened')",
+                             timeout=30_000)
+    broken.close()
+
+
+def test_the_stored_evaluation_opens_with_both_figures(browser, launched):
+    page = _open(browser, launched)
+    page.locator("#stored button, #stored .label-wrap").first.click()
+    for key in ("budget", "cross"):
+        page.locator(f"#stored-{key} img").first.wait_for(timeout=30_000)
+    assert "specificity" in page.locator("#stored-cross-caption").inner_text().lower()
     page.close()

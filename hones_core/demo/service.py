@@ -30,6 +30,7 @@ from ..selection import Selection
 from ..tasks import TASKS
 from . import compute as compute_lib
 from . import render as render_lib
+from . import stored as stored_lib
 from .compute import SWEEP_FACTORS, BaseResult, Caches, Computed
 from .render import Neurons, Output
 from .request import Request, make_request
@@ -289,3 +290,20 @@ class DemoService:
             raise DemoInputError("The base answer is empty, so there is no answer whose log-probability to sweep.")
         image, caption = render_lib.sweep_figure(request, values)
         return image, caption, list(SWEEP_FACTORS), values
+
+    # ----- the stored evaluation (depends on the artifact only; drawn once) -------------------------
+    def evidence_line(self, task: str, method: str, budget_pct: float) -> str:
+        """What the stored held-out evaluation says about this neuron set at this budget (one markdown line)."""
+        return stored_lib.evidence_line(stored_lib.stored(self.artifact.evaluation, task), method, budget_pct)
+
+    def evidence_figures(self, task: str) -> dict[str, tuple[Image.Image, str] | None]:
+        """The stored budget curve of `task` and the HONES cross-ablation matrix, as (image, caption) or None."""
+        view = stored_lib.stored(self.artifact.evaluation, task)
+        out: dict[str, tuple[Image.Image, str] | None] = {"budget": None, "cross": None}
+        if view is not None:
+            out["budget"] = render_lib.cached_figure(self.figure_cache, ("stored-budget", task),
+                                                     lambda: stored_lib.budget_figure(view))
+            if view.cross is not None:
+                out["cross"] = render_lib.cached_figure(self.figure_cache, ("stored-cross",),
+                                                        lambda: stored_lib.cross_figure(view))
+        return out
