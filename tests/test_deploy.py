@@ -261,3 +261,35 @@ def test_a_token_without_write_access(hub, monkeypatch):
 def test_errors_are_hones_errors():
     assert issubclass(DeployError, HonesError) and issubclass(DeployError, RuntimeError)
     assert DeployError("x", space_id="a/b").space_id == "a/b"
+
+
+def test_the_uploaded_toy_space_starts_on_its_own(hub, capsys, tmp_path):
+    """The Space's files alone (no checkout around them) are enough to start the app's service.
+
+    The files the stand-in holds are written to an empty folder and a fresh interpreter, run
+    there with no HONES_* variable, parses the app's arguments, reads the examples and loads
+    the bundled model and rankings, the way the Space's `python app.py` starts.
+    """
+    import subprocess
+    import sys
+
+    deploy(capsys, "--space-id", "you/standalone", *TOY)
+    space_dir = tmp_path / "space"
+    for name, data in hub.store.files("you/standalone", repo_type="space").items():
+        (space_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (space_dir / name).write_bytes(data)
+    script = ("import app, hones_core, json\n"
+              "args = app.parse_args([])\n"
+              "examples = app.check_examples(args.examples)\n"
+              "service = app.load_service(args)\n"
+              "print(json.dumps({'package': hones_core.__file__, 'model': args.model, 'tasks': service.tasks, "
+              "'examples': len(examples)}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HONES_", "PYTHONPATH"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], cwd=space_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(out["package"]).resolve().is_relative_to(space_dir.resolve())   # not the checkout's package
+    assert Path(out["model"]).resolve() == (space_dir / "assets" / "toy-vlm").resolve()
+    assert out["tasks"] == ["vqa", "ocr", "caption", "retrieval"] and out["examples"] > 0
