@@ -280,6 +280,22 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(json.dumps({"repo_id": args.repo_id, "commit": url}), flush=True)
 
 
+def cmd_deploy(args: argparse.Namespace) -> dict:
+    """Create or update a Space serving the app; every input is checked before the first request."""
+    from . import deploy
+    from .errors import DeployError
+
+    deploy_plan = deploy.plan(space_id=args.space_id, model=args.model, rankings=args.rankings,
+                              revision=args.revision, model_revision=args.model_revision,
+                              rankings_revision=args.rankings_revision, hardware=args.hardware, private=args.private)
+    result = deploy.deploy(deploy_plan)
+    summary = result.summary()
+    print(json.dumps(summary), flush=True)
+    if result.hardware and not result.hardware["granted"]:
+        raise DeployError(deploy.hardware_refused_message(result), space_id=result.space_id)
+    return summary
+
+
 def cmd_toy_data(args: argparse.Namespace) -> None:
     from .toy import world
 
@@ -460,6 +476,8 @@ def _add_tool_commands(sub) -> None:
                    help="upload as is (default: redraw the card's head-heatmap and layer-distribution figures)")
     p.set_defaults(func=cmd_push)
 
+    _add_deploy_command(sub)
+
     # the benchmarks parse their own options (benchmarks/rank.py, benchmarks/app.py); main() forwards them
     p = sub.add_parser("bench-rank", add_help=False,
                        help="batched head localization vs the one-head-one-item loop (= python -m benchmarks.rank)")
@@ -517,6 +535,28 @@ def _add_tool_commands(sub) -> None:
                        help="cost of a side-by-side request and of a slider-only change vs one generate "
                             "(= python -m benchmarks.app)")
     p.set_defaults(func=cmd_benchmark)
+
+
+def _add_deploy_command(sub) -> None:
+    from .deploy import HARDWARE
+
+    p = sub.add_parser("deploy", help="create or update a Hugging Face Space serving the app with a model and its "
+                                      "rankings (needs a write token: HF_TOKEN or hf auth login)", allow_abbrev=False)
+    p.add_argument("--space-id", required=True, help="the Space, owner/name (created if missing, else updated)")
+    p.add_argument("--model", required=True,
+                   help="Hub model id (push a local model first), or the bundled assets/toy-vlm (uploaded with the app)")
+    p.add_argument("--rankings", required=True,
+                   help="Hub dataset repo with the rankings (python -m hones_core push), or the bundled "
+                        "assets/rankings/toy-vlm")
+    p.add_argument("--revision", default=None, help="revision of both Hub repos (HONES_REVISION)")
+    p.add_argument("--model-revision", default=None, help="revision of the model repo (HONES_MODEL_REVISION)")
+    p.add_argument("--rankings-revision", default=None,
+                   help="revision of the rankings repo (HONES_RANKINGS_REVISION)")
+    p.add_argument("--hardware", default=None, metavar="|".join(HARDWARE),
+                   help="request this hardware and suggest it in the Space's README (zero-a10g: ZeroGPU, needs a PRO "
+                        "account or an organisation plan); default: leave the Space's hardware as it is")
+    p.add_argument("--private", action="store_true", help="create the Space private (or make an existing one private)")
+    p.set_defaults(func=cmd_deploy)
 
 
 def main(argv: list[str] | None = None) -> int:

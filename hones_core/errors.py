@@ -98,6 +98,22 @@ class UsageError(HonesError, ValueError):
     """A command-line value cannot be used (a malformed list, a split that is not held out, ...)."""
 
 
+# ----- deploying the app -------------------------------------------------------------------------
+
+
+class DeployError(HonesError, RuntimeError):
+    """A Space cannot be deployed as asked: a malformed input (refused before any request), no
+    token, a model or rankings repo the Hub does not have, or a request the Hub refused.
+
+    Attributes:
+        space_id: the Space asked for.
+    """
+
+    def __init__(self, message: str, *, space_id: str | None = None):
+        super().__init__(message)
+        self.space_id = space_id
+
+
 # ----- the app -------------------------------------------------------------------------------------
 
 
@@ -111,4 +127,4 @@ class DemoConfigError(HonesError, RuntimeError):
 
 __all__ = ["HonesError", "UnsupportedModelError", "ModelLoadError", "TemplateError", "DataFormatError",
            "RankingsError", "RankingsSchemaError", "RankingsMismatchError", "RankingsNotFoundError",
-           "ProgressMismatchError", "UsageError", "DemoInputError", "DemoConfigError"]
+           "ProgressMismatchError", "UsageError", "DeployError", "DemoInputError", "DemoConfigError"]

@@ -1,7 +1,8 @@
-"""A local stand-in for the Hugging Face Hub, enough for `snapshot_download` and `upload_folder`.
+"""A local stand-in for the Hugging Face Hub, enough for `snapshot_download`, `upload_folder`
+and deploying a Space.
 
-`start_hub()` runs a threaded `http.server` on 127.0.0.1 (a free port) that keeps dataset
-repos in memory and answers the endpoints huggingface_hub (1.x and 2.x) calls:
+`start_hub()` runs a threaded `http.server` on 127.0.0.1 (a free port) that keeps dataset,
+Space and model repos in memory and answers the endpoints huggingface_hub (1.x and 2.x) calls:
 
     GET  /api/datasets/{repo}[/revision/{rev}]          repo info: sha, siblings
     GET  /api/datasets/{repo}/tree/{rev}[/{path}]       file listing (?recursive=true)
@@ -11,6 +12,18 @@ repos in memory and answers the endpoints huggingface_hub (1.x and 2.x) calls:
     POST /api/datasets/{repo}/preupload/{rev}           every file is "regular" (no LFS / Xet upload)
     POST /api/datasets/{repo}/commit/{rev}              NDJSON commit with base64 inline files
     POST /api/datasets/{repo}/branch/{branch}           new branch from main
+
+    GET  /api/spaces/{repo}[/revision/{rev}]            Space info (also sdk, private)
+    GET  /api/spaces/{repo}/tree/{rev}[/{path}]         as for datasets
+    POST /api/spaces/{repo}/preupload/{rev}, /commit/{rev}   as for datasets
+    GET / POST / DELETE /api/spaces/{repo}/variables    the Space's variables ({key: {value, ...}})
+    POST /api/spaces/{repo}/hardware                    hardware request; flavors outside
+                                                        `store.grantable_hardware` answer 403
+    PUT  /api/spaces/{repo}/settings                    visibility
+    GET  /api/models/{repo}[/revision/{rev}]            model info (tests seed model repos)
+
+Writes to a Space (create, commit, variables, hardware, settings) need `Authorization:
+Bearer <store.token>` when `store.token` is set, as on the Hub; without it they answer 401.
 
 Errors carry the `X-Error-Code` header the client turns into its exception classes
 (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`). A private repo answers
@@ -52,6 +65,9 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)              # branch -> commit sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> {path: bytes}
     messages: dict[str, str] = field(default_factory=dict)              # commit sha -> summary
+    sdk: str | None = None                                              # Spaces only, as below
+    variables: dict[str, str] = field(default_factory=dict)
+    hardware_requests: list[str] = field(default_factory=list)
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.branches:
@@ -75,19 +91,27 @@ class HubStore:
     """What the server holds; tests read and seed it directly."""
     url: str = ""
     token: str | None = None          # the token that opens private repos
-    repos: dict[str, Repo] = field(default_factory=dict)
+    repos: dict[str, Repo] = field(default_factory=dict)    # dataset repos
+    spaces: dict[str, Repo] = field(default_factory=dict)
+    models: dict[str, Repo] = field(default_factory=dict)
+    grantable_hardware: set[str] = field(default_factory=lambda: {"cpu-basic", "zero-a10g"})
     requests: list[tuple[str, str]] = field(default_factory=list)
     unhandled: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def create(self, repo_id: str, *, private: bool = False) -> Repo:
-        repo = Repo(repo_id, private=private)
+    def kind(self, repo_type: str) -> dict[str, Repo]:
+        """The repos of one type: "dataset", "space" or "model"."""
+        return {"dataset": self.repos, "space": self.spaces, "model": self.models}[repo_type]
+
+    def create(self, repo_id: str, *, private: bool = False, repo_type: str = "dataset",
+               sdk: str | None = None) -> Repo:
+        repo = Repo(repo_id, private=private, sdk=sdk)
         repo.commit("main", {".gitattributes": GITATTRIBUTES}, "initial commit")
-        self.repos[repo_id] = repo
+        self.kind(repo_type)[repo_id] = repo
         return repo
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        repo = self.repos[repo_id]
+    def files(self, repo_id: str, revision: str = "main", *, repo_type: str = "dataset") -> dict[str, bytes]:
+        repo = self.kind(repo_type)[repo_id]
         return repo.commits[repo.resolve(revision)]
 
 
@@ -136,11 +160,21 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return self.store.token is not None and self.headers.get("Authorization") == f"Bearer {self.store.token}"
 
-    def _repo(self, repo_id: str) -> Repo:
-        repo = self.store.repos.get(repo_id)
+    def _repo(self, repo_id: str, kind: str = "dataset") -> Repo:
+        repo = self.store.kind(kind).get(repo_id)
         if repo is None or not self._authorised(repo):
             raise HubError(404, "RepoNotFound", f"Repository not found: {repo_id}")
         return repo
+
+    def _writable(self, repo_id: str, kind: str) -> Repo:
+        """A repo the request may change: Spaces need the store's token when one is set."""
+        if kind == "space":
+            self._check_token()
+        return self._repo(repo_id, kind)
+
+    def _check_token(self) -> None:
+        if self.store.token is not None and self.headers.get("Authorization") != f"Bearer {self.store.token}":
+            raise HubError(401, None, "Invalid credentials in Authorization header")
 
     def _commit_of(self, repo: Repo, revision: str) -> str:
         sha = repo.resolve(revision)
@@ -167,26 +201,36 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             self._json(e.status, {"error": e.message}, headers)
 
-    do_GET = do_HEAD = do_POST = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
     # -- routes -------------------------------------------------------------------------
 
     def _route(self, parts: list[str], query: dict) -> bool:
         method = self.command
-        if parts[:2] == ["api", "datasets"]:
+        kinds = {"datasets": "dataset", "spaces": "space", "models": "model"}
+        if len(parts) >= 2 and parts[0] == "api" and parts[1] in kinds:
+            kind = kinds[parts[1]]
             repo_id, rest = _split_repo(parts[2:])
             if method == "GET" and not rest:
-                return self._info(repo_id, "main")
+                return self._info(repo_id, "main", kind)
             if method == "GET" and rest[0] == "revision" and len(rest) == 2:
-                return self._info(repo_id, rest[1])
+                return self._info(repo_id, rest[1], kind)
+            if kind == "model":     # model repos are only looked at
+                return False
             if method == "GET" and rest[0] == "tree" and len(rest) >= 2:
-                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query)
+                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query, kind)
             if method == "POST" and rest[0] == "preupload" and len(rest) == 2:
-                return self._preupload(repo_id, rest[1])
+                return self._preupload(repo_id, rest[1], kind)
             if method == "POST" and rest[0] == "commit" and len(rest) == 2:
-                return self._commit(repo_id, rest[1])
-            if method == "POST" and rest[0] == "branch" and len(rest) == 2:
+                return self._commit(repo_id, rest[1], kind)
+            if kind == "dataset" and method == "POST" and rest[0] == "branch" and len(rest) == 2:
                 return self._branch(repo_id, rest[1])
+            if kind == "space" and rest == ["variables"] and method in ("GET", "POST", "DELETE"):
+                return self._variables(repo_id)
+            if kind == "space" and rest == ["hardware"] and method == "POST":
+                return self._hardware(repo_id)
+            if kind == "space" and rest == ["settings"] and method == "PUT":
+                return self._settings(repo_id)
             return False
         if parts[:1] == ["datasets"] and method in ("GET", "HEAD"):
             repo_id, rest = _split_repo(parts[1:])
@@ -199,16 +243,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._validate_yaml()
         return False
 
-    def _info(self, repo_id: str, revision: str) -> bool:
-        repo = self._repo(repo_id)
+    def _info(self, repo_id: str, revision: str, kind: str = "dataset") -> bool:
+        repo = self._repo(repo_id, kind)
         sha = self._commit_of(repo, revision)
         files = repo.commits[sha]
-        self._json(200, {"id": repo_id, "sha": sha, "private": repo.private,
-                         "siblings": [{"rfilename": name} for name in sorted(files)]})
+        info = {"id": repo_id, "sha": sha, "private": repo.private,
+                "siblings": [{"rfilename": name} for name in sorted(files)]}
+        if kind == "space":
+            info["sdk"] = repo.sdk
+        self._json(200, info)
         return True
 
-    def _tree(self, repo_id: str, revision: str, folder: str, query: dict) -> bool:
-        repo = self._repo(repo_id)
+    def _tree(self, repo_id: str, revision: str, folder: str, query: dict, kind: str = "dataset") -> bool:
+        repo = self._repo(repo_id, kind)
         files = repo.commits[self._commit_of(repo, revision)]
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
         prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
@@ -242,18 +289,56 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self) -> bool:
         payload = json.loads(self._body() or b"{}")
-        if payload.get("type") != "dataset":
-            raise HubError(400, None, f"this test hub only holds dataset repos, not {payload.get('type')!r}")
+        kind = payload.get("type")
+        if kind not in ("dataset", "space"):
+            raise HubError(400, None, f"this test hub creates dataset and Space repos, not {kind!r}")
+        if kind == "space":
+            self._check_token()
+            if payload.get("sdk") not in ("gradio", "docker", "static"):
+                raise HubError(400, None, f"a Space needs an sdk (gradio, docker, static), not {payload.get('sdk')!r}")
         if not payload.get("organization"):
             raise HubError(400, None, "give the repo id as 'org/name'")
         repo_id = f"{payload['organization']}/{payload['name']}"
-        url = f"{self.store.url}/datasets/{repo_id}"
-        if repo_id in self.store.repos:   # the Hub answers 409 with the url, and the client reads it
-            self._json(409, {"error": "You already created this dataset repo", "url": url},
-                       {"X-Error-Message": "You already created this dataset repo"})
+        url = f"{self.store.url}/{kind}s/{repo_id}"
+        if repo_id in self.store.kind(kind):   # the Hub answers 409 with the url, and the client reads it
+            self._json(409, {"error": f"You already created this {kind} repo", "url": url},
+                       {"X-Error-Message": f"You already created this {kind} repo"})
             return True
-        self.store.create(repo_id, private=payload.get("visibility") == "private")
+        self.store.create(repo_id, private=payload.get("visibility") == "private", repo_type=kind,
+                          sdk=payload.get("sdk"))
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
+        return True
+
+    def _variables(self, repo_id: str) -> bool:
+        repo = self._writable(repo_id, "space")
+        if self.command == "POST":
+            payload = json.loads(self._body())
+            if not isinstance(payload.get("key"), str) or not isinstance(payload.get("value"), str):
+                raise HubError(400, None, "a variable needs a string key and a string value")
+            repo.variables[payload["key"]] = payload["value"]
+        elif self.command == "DELETE":
+            key = json.loads(self._body())["key"]
+            if key not in repo.variables:
+                raise HubError(404, None, f"no variable {key!r} in this Space")
+            del repo.variables[key]
+        self._json(200, {k: {"value": v} for k, v in repo.variables.items()})
+        return True
+
+    def _hardware(self, repo_id: str) -> bool:
+        repo = self._writable(repo_id, "space")
+        flavor = json.loads(self._body())["flavor"]
+        if flavor not in self.store.grantable_hardware:
+            raise HubError(403, None, f"You are not allowed to request {flavor} for this Space")
+        repo.hardware_requests.append(flavor)
+        self._json(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": flavor}})
+        return True
+
+    def _settings(self, repo_id: str) -> bool:
+        repo = self._writable(repo_id, "space")
+        payload = json.loads(self._body())
+        if "visibility" in payload:
+            repo.private = payload["visibility"] == "private"
+        self._json(200, {})
         return True
 
     def _validate_yaml(self) -> bool:
@@ -274,8 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
                    {"X-Error-Code": "BadRequest"} if errors else None)
         return True
 
-    def _preupload(self, repo_id: str, revision: str) -> bool:
-        repo = self._repo(repo_id)
+    def _preupload(self, repo_id: str, revision: str, kind: str = "dataset") -> bool:
+        repo = self._writable(repo_id, kind)
         files = repo.commits[self._commit_of(repo, unquote(revision))]
         payload = json.loads(self._body())
         answer = []
@@ -287,8 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"files": answer})
         return True
 
-    def _commit(self, repo_id: str, revision: str) -> bool:
-        repo = self._repo(repo_id)
+    def _commit(self, repo_id: str, revision: str, kind: str = "dataset") -> bool:
+        repo = self._writable(repo_id, kind)
         if revision not in repo.branches:
             raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision} (not a branch)")
         files = dict(repo.commits[repo.branches[revision]])
@@ -318,7 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(400, None, f"this test hub takes inline files only, not {key!r}")
         sha = repo.commit(revision, files, summary)
         self._json(200, {"success": True, "commitOid": sha,
-                         "commitUrl": f"{self.store.url}/datasets/{repo_id}/commit/{sha}"})
+                         "commitUrl": f"{self.store.url}/{kind}s/{repo_id}/commit/{sha}"})
         return True
 
     def _branch(self, repo_id: str, branch: str) -> bool:
