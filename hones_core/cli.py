@@ -340,11 +340,29 @@ def cmd_toy_eval(args: argparse.Namespace) -> dict:
     return result
 
 
-def cmd_toy_examples(args: argparse.Namespace) -> None:
-    from .toy.examples import write_examples
+def cmd_toy_examples(args: argparse.Namespace) -> dict:
+    """The app's gallery: chosen by running the app on a fresh split (default), or `--plain` first scenes."""
+    from .toy.examples import GALLERY_N, GALLERY_SEED, choose_gallery, write_examples
 
-    entries = write_examples(args.out, seed=args.seed, per_task=args.per_task)
-    print(json.dumps({"out": args.out, "examples": len(entries)}), flush=True)
+    seed = GALLERY_SEED if args.seed is None else args.seed
+    n = GALLERY_N if args.n is None else args.n
+    if args.plain:
+        entries = write_examples(args.out, seed=seed, per_task=args.per_task)
+        result = {"out": args.out, "examples": len(entries)}
+        print(json.dumps(result), flush=True)
+        return result
+    from .demo import DemoService
+
+    service = DemoService.load(args.model, args.rankings, device=args.device)
+    command = (f"python -m hones_core toy-examples --out {args.out} --seed {seed} --n {n} "
+               f"--per-task {args.per_task} --budget {args.budget:g} --factor {args.factor:g}")
+    document = choose_gallery(args.out, service=service, seed=seed, n=n, per_task=args.per_task,
+                              budget_pct=args.budget, factor=args.factor, command=command)
+    result = {"out": args.out, "examples": len(document["examples"]), "default_task": document["default_task"],
+              "summary": {t: {k: s[k] for k in ("n", "base_right", "changed_hones", "changed_random",
+                                                "right_changed_hones")} for t, s in document["summary"].items()}}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 BENCHMARKS = {"bench-rank": "benchmarks.rank", "bench-app": "benchmarks.app"}
@@ -525,10 +543,25 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_toy_eval)
 
-    p = sub.add_parser("toy-examples", help="write the app's examples gallery (examples.json + PNGs)")
+    from .assets import DEFAULT_MODEL, DEFAULT_RANKINGS
+
+    p = sub.add_parser("toy-examples", help="write the app's examples gallery (examples.json + PNGs), chosen by "
+                                            "running the app on every item of a fresh split "
+                                            "(hones_core/toy/examples.py)")
     p.add_argument("--out", required=True, help="folder, e.g. assets/examples")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, default=None,
+                   help="world seed of the split (default: toy.examples.GALLERY_SEED = 2027, used for nothing else)")
+    p.add_argument("--n", type=int, default=None,
+                   help="scenes in the split (default: toy.examples.GALLERY_N = 200); every task item on them "
+                        "is counted")
     p.add_argument("--per-task", type=int, default=3)
+    p.add_argument("--budget", type=float, default=1.0, help="%% of all FFN neurons (the app's default 1)")
+    p.add_argument("--factor", type=float, default=0.0, help="scaling factor (the app's default 0 = masked)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the app's model (default: the bundled toy VLM)")
+    p.add_argument("--rankings", default=DEFAULT_RANKINGS, help="its rankings (default: the bundled ones)")
+    p.add_argument("--device", default="cpu", help="cpu (default, as the bundled file was made), cuda, ...")
+    p.add_argument("--plain", action="store_true",
+                   help="no model: the first scenes of the split, as a plain list without counts")
     p.set_defaults(func=cmd_toy_examples)
 
     p = sub.add_parser("bench-app", add_help=False,
