@@ -210,3 +210,17 @@ def test_card_markdown_shows_tokens_safely():
     assert "+2.00 σ from its vqa discovery mean 0.5" in text and "ocr -1" in text and "z > 0 on 25 % of 4 items" in text
     assert "Δ **-0.2**" in text and "| vqa | **1** | — |" in text
     assert np.isclose(N.card_dict(card)["promoted"][0]["value"], 0.5)
+
+
+def test_card_figure_draws_the_promoted_and_suppressed_values(toy_vlm):
+    promoted, suppressed = N.vocab_extremes(toy_vlm, 2, 7)
+    card = N.NeuronCard(layer=2, neuron=7, task="vqa", total=1, budget_pct=1.0, promoted=promoted,
+                        suppressed=suppressed, activation=0.0, stats=None, stats_items=0, stats_by_task={},
+                        stats_note="", ranks={}, selected={}, learned_scale={}, answer="a", answer_tokens=1,
+                        logprob={"base": 0.0, "steered": 0.0, "masked": 0.0}, delta=0.0, delta_per_token=0.0)
+    plot = N.card_figure(card)
+    left, right = plot.figure.axes
+    assert [p.get_width() for p in left.patches] == pytest.approx([t.value for t in promoted])
+    assert [p.get_width() for p in right.patches] == pytest.approx([t.value for t in suppressed])
+    assert [label.get_text() for label in left.get_yticklabels()] == [repr(t.text)[1:-1] or "∅" for t in promoted]
+    assert "L2·n7" in left.get_title() and "L2·n7" in plot.caption

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import attribution
+from .. import attribution, plots
 from ..errors import DemoInputError
 from ..interventions import Plan, intervene
 from ..models import VLM
@@ -344,6 +344,13 @@ def neurons_of(text: str) -> Sequence[int]:
     return int(numbers[0]), int(numbers[1])
 
 
+def card_figure(card: NeuronCard) -> plots.Plot:
+    """The card's promoted / suppressed tokens as a bar figure (`plots.neuron_vocabulary`)."""
+    return plots.neuron_vocabulary([(t.text, t.value) for t in card.promoted],
+                                   [(t.text, t.value) for t in card.suppressed],
+                                   neuron=f"L{card.layer}·n{card.neuron}")
+
+
 __all__ = ["VOCAB_TOP", "TokenValue", "NeuronCard", "check_neuron", "token_text", "vocab_projection",
            "vocab_extremes", "ranks", "teacher_forced", "masked_rows", "neuron_card", "card_markdown", "card_dict",
-           "neurons_of"]
+           "neurons_of", "card_figure"]
