@@ -406,8 +406,9 @@ def _add_model_commands(sub) -> None:
     _add_preset(p)
     p.set_defaults(func=cmd_rank)
 
-    p = sub.add_parser("stats", help="add per-neuron discovery statistics (the app's neuron card) to an artifact "
-                                     "ranked without them, from the discovery split it was ranked on", allow_abbrev=False)
+    p = sub.add_parser("stats", allow_abbrev=False,
+                       help="add per-neuron discovery statistics (the app's neuron card) to an artifact ranked "
+                            "without them, from the discovery split it was ranked on")
     add_model_arguments(p)
     _add_data(p)
     p.add_argument("--rankings", required=True, help="local artifact folder")

@@ -266,7 +266,8 @@ def check_discovery_split(artifact: rankings.Rankings, task_items: Mapping[str, 
 
 
 def add_stats(vlm: VLM, task_items: Mapping[str, Sequence[TaskItem]], rankings_dir: str | Path, *, data_file: str,
-              batch_size: int = 32, show_progress: bool = True, shard: Shard = Shard()) -> dict[str, rankings.NeuronStats]:
+              batch_size: int = 32, show_progress: bool = True,
+              shard: Shard = Shard()) -> dict[str, rankings.NeuronStats]:
     """Compute the discovery statistics of an existing artifact's tasks and store them (no re-ranking).
 
     Args:

@@ -284,8 +284,8 @@ def card_markdown(card: NeuronCard, *, method_label=lambda m: m) -> str:
         s = card.stats
         z = card.z_score
         where = f"{z:+.2f} σ from" if z is not None else "(std 0 over the discovery items) vs"
-        lines.append(f"**Activation** on this input (z at the last prompt position, base row): **{card.activation:.4g}**"
-                     f" — {where} its {card.task} discovery mean {s['mean']:.4g} (std {s['std']:.4g}, mean |z| "
+        lines.append(f"**Activation** on this input (z at the last prompt position, base row): "
+                     f"**{card.activation:.4g}** — {where} its {card.task} discovery mean {s['mean']:.4g} (std {s['std']:.4g}, mean |z| "
                      f"{s['mean_abs']:.4g}, z > 0 on {100 * s['positive']:.0f} % of {card.stats_items} items).")
         others = {t: m for t, m in card.stats_by_task.items() if t != card.task}
         if others:

@@ -410,5 +410,5 @@ def read_dir(directory: Path, *, origin: str) -> Rankings:
                     created_with=str(manifest.get("created_with", "")), evaluation=evaluation)
 
 
-__all__ = ["save", "save_task", "save_scales", "save_stats", "save_evaluation", "write_scales", "read_scales", "read_dir",
-           "existing_dir"]
+__all__ = ["save", "save_task", "save_scales", "save_stats", "save_evaluation", "write_scales", "read_scales",
+           "read_dir", "existing_dir"]
