@@ -117,6 +117,25 @@ def cmd_rank(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_stats(args: argparse.Namespace) -> dict:
+    """Add per-neuron discovery statistics to an existing artifact (`pipeline.add_stats`), without re-ranking."""
+    from . import rankings
+    from .pipeline import add_stats
+
+    params = rankings.load(args.rankings).params     # the rank run's item selection, unless given
+    for name in ("limit", "seed", "n_negatives"):
+        if getattr(args, name) is None:
+            setattr(args, name, params.get(name, {"limit": None, "seed": 0, "n_negatives": N_NEGATIVES}[name]))
+    shard, vlm = _shard(args)
+    stats = add_stats(vlm, _task_items(args), args.rankings, data_file=args.data, batch_size=args.batch_size,
+                      shard=shard)
+    summary = {"rankings": args.rankings, "model": vlm.name, "data": args.data,
+               "tasks": {task: {"items": s.items, "position": s.position} for task, s in stats.items()}}
+    if shard.is_main:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
 def cmd_mask_eval(args: argparse.Namespace) -> dict:
     from . import __version__, rankings
     from .masking import report
@@ -420,6 +439,16 @@ def _add_model_commands(sub) -> None:
     _add_placement(p)
     _add_preset(p)
     p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("stats", allow_abbrev=False,
+                       help="add per-neuron discovery statistics (the app's neuron card) to an artifact ranked "
+                            "without them, from the discovery split it was ranked on")
+    add_model_arguments(p)
+    _add_data(p)
+    p.add_argument("--rankings", required=True, help="local artifact folder")
+    p.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    p.set_defaults(func=cmd_stats, limit=None, seed=None, n_negatives=None)
+    _add_placement(p)
 
     p = sub.add_parser("mask-eval", help="metric drop when each method's neurons are masked", allow_abbrev=False)
     add_model_arguments(p)

@@ -16,6 +16,12 @@ Baselines: `attribute` gives each task "activation", "dvp", "ap" and "ma"; "ape"
 four tasks' AP, so it is added to every task only when one run ranks all four (`--task all`);
 otherwise no task gets it and each task's notes say why. The base plan's saved sums carry
 the AP / MA token sums; sums saved without them (an older version) make that plan run again.
+
+Discovery statistics: each task also gets its per-neuron statistics of z at the last prompt
+position (`activation_stats`, stored as `<task>/stats.safetensors`), one more prompt pass
+over its items, saved in the progress folder like the rest. `add_stats` computes them for an
+artifact that has none (written before they existed), after checking that the data given is
+the split the artifact was ranked on (its images' content digests and item counts).
 """
 
 from __future__ import annotations
@@ -26,17 +32,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__, rankings
+from .activation_stats import activation_sums, stats_from_sums
 from .attribution import Sums, ape_scores, attribute
 from .distributed import Shard
-from .errors import ProgressMismatchError
+from .errors import ProgressMismatchError, RankingsError, RankingsMismatchError
 from .evaluation import MAX_NEW_TOKENS
 from .files import atomic_write, bytes_digest
 from .localization import default_top_heads, score_heads
 from .models import VLM
+from .rankings.store import existing_dir
 from .tasks import N_NEGATIVES, TASKS, TaskItem
 
 
@@ -56,8 +65,9 @@ class RankParams:
 class Progress:
     """Partial results of one rank run, on disk."""
 
-    def __init__(self, out: Path, fingerprint: str, *, write: bool = True):
+    def __init__(self, out: Path, fingerprint: str, *, write: bool = True, data_file: str = ""):
         self.dir = out / ".progress"
+        self.data_file = data_file      # recorded with the discovery statistics
         self.fingerprint = fingerprint
         self.write = write              # False in every process but the main one
         state_file = self.dir / "state.json"
@@ -102,6 +112,17 @@ class Progress:
                                   int(meta["tokens"]) if stats else 0)
         return out
 
+    def save_stats(self, task: str, sums: dict[str, torch.Tensor]) -> None:
+        if self.write:
+            atomic_write(self.dir / f"{task}-stats.safetensors", save({k: v.contiguous() for k, v in sums.items()}))
+
+    def load_stats(self, task: str) -> dict[str, torch.Tensor] | None:
+        """The saved activation sums of `task`'s discovery statistics, or None if not done yet."""
+        if not self.task(task).get("stats"):
+            return None
+        with safe_open(str(self.dir / f"{task}-stats.safetensors"), "pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+
 
 def fingerprint(vlm: VLM, data_file: str, tasks: Sequence[str], params: RankParams) -> tuple[str, str]:
     arguments = json.dumps({"model": vlm.name, "revision": vlm.revision, "data": str(Path(data_file).resolve()),
@@ -141,8 +162,16 @@ def rank_task(vlm: VLM, items: Sequence[TaskItem], params: RankParams, progress:
                        done=progress.load_sums(task), on_plan=plan_done, progress=show_progress, shard=shard)
     notes = ("no top head lowered the utility when ablated (all S_h <= 0): importance is the unconditioned DVP"
              if result.fallback else "")
+    sums = progress.load_stats(task)
+    if sums is None:
+        sums = activation_sums(vlm, items, batch_size=params.batch_size, progress=show_progress, shard=shard)
+        progress.save_stats(task, sums)
+        state["stats"] = True
+        progress.save(arguments)
+    stats = stats_from_sums(sums, len(items), data={"file": Path(progress.data_file).name, "items": len(items)})
     return rankings.TaskRanking(task=task, head_scores=head_scores.scores, importance=result.importance,
-                                top_heads=top, baselines=result.baselines, fallback=result.fallback, notes=notes)
+                                top_heads=top, baselines=result.baselines, fallback=result.fallback, notes=notes,
+                                stats=stats)
 
 
 def with_ape(results: Mapping[str, rankings.TaskRanking]) -> dict[str, rankings.TaskRanking]:
@@ -176,7 +205,7 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
     """
     out = Path(out)
     key, arguments = fingerprint(vlm, data_file, list(task_items), params)
-    progress = Progress(out, key, write=shard.is_main)
+    progress = Progress(out, key, write=shard.is_main, data_file=data_file)
     results = {}
     for task, items in task_items.items():
         results[task] = rank_task(vlm, items, params, progress, arguments,
@@ -195,3 +224,74 @@ def rank(vlm: VLM, task_items: dict[str, Sequence[TaskItem]], out: str | Path, *
         shutil.rmtree(progress.dir)
     shard.barrier()                      # every process returns once the artifact is on disk
     return artifact
+
+
+def check_discovery_split(artifact: rankings.Rankings, task_items: Mapping[str, Sequence[TaskItem]],
+                          digests: Mapping[str, str], *, data_file: str) -> None:
+    """Refuse a split other than the one the artifact was ranked on.
+
+    Each task must have as many items as the manifest records, and its images' content digests
+    must be among the manifest's; with every task of the artifact given, the two digest sets must
+    be equal.
+
+    Args:
+        digests: {image path: digest} of the items' images (`image_digests`).
+
+    Raises:
+        RankingsMismatchError: another split (the message says what differs).
+        RankingsError: the artifact records no digests or counts to compare with.
+    """
+    recorded = artifact.data.get("image_digests")
+    counts = artifact.data.get("items")
+    if not recorded or not isinstance(counts, dict):
+        raise RankingsError(f"the rankings' manifest records no discovery image digests or item counts (data: "
+                            f"{sorted(artifact.data)}), so {data_file} cannot be checked against the split they "
+                            "were ranked on; re-rank with this hones_core (`rank` stores the statistics itself)")
+    recorded = set(recorded)
+    problems = []
+    for task, items in task_items.items():
+        if counts.get(task) != len(items):
+            problems.append(f"{task}: {len(items)} items here, {counts.get(task)} when ranked")
+        foreign = {digests[str(item.image_path)] for item in items} - recorded
+        if foreign:
+            problems.append(f"{task}: {len(foreign)} image(s) that are not in the discovery split")
+    given = {digests[str(item.image_path)] for items in task_items.values() for item in items}
+    if set(task_items) >= set(artifact.tasks) and given != recorded:
+        problems.append(f"{len(recorded - given)} discovery image(s) missing here")
+    if problems:
+        raise RankingsMismatchError(
+            f"{data_file} is not the split these rankings were computed on ({artifact.data.get('file')}; images "
+            f"compared by content digest): {'; '.join(problems)} — pass the discovery split with the --limit, "
+            f"--seed and --n-negatives the rank run used (its manifest's params)")
+
+
+def add_stats(vlm: VLM, task_items: Mapping[str, Sequence[TaskItem]], rankings_dir: str | Path, *, data_file: str,
+              batch_size: int = 32, show_progress: bool = True,
+              shard: Shard = Shard()) -> dict[str, rankings.NeuronStats]:
+    """Compute the discovery statistics of an existing artifact's tasks and store them (no re-ranking).
+
+    Args:
+        task_items: the discovery items of each task to add statistics for (the split `rank` used).
+        rankings_dir: a local artifact folder.
+
+    Returns:
+        task -> its `NeuronStats`, as stored.
+
+    Raises:
+        RankingsNotFoundError, RankingsSchemaError: no valid artifact at `rankings_dir`.
+        RankingsMismatchError: the model or the split is not the one the artifact was made with.
+    """
+    artifact = rankings.load(existing_dir(Path(rankings_dir)))
+    rankings.check_against(artifact, vlm.arch, model_id=vlm.name, revision=vlm.revision)
+    for task in task_items:
+        artifact.task(task)
+    check_discovery_split(artifact, task_items, image_digests(task_items), data_file=data_file)
+    out = {}
+    for task, items in task_items.items():
+        sums = activation_sums(vlm, items, batch_size=batch_size, progress=show_progress and shard.is_main,
+                               shard=shard)
+        out[task] = stats_from_sums(sums, len(items), data={"file": Path(data_file).name, "items": len(items)})
+    if shard.is_main:
+        rankings.save_stats(rankings_dir, out)
+    shard.barrier()
+    return out

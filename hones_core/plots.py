@@ -449,3 +449,35 @@ def write_card_figures(directory: str | Path, *, ratio: float = 0.01) -> dict[st
         figures[relative] = plot.caption
     rankings.save(artifact, directory, figures=figures)
     return figures
+
+
+def neuron_vocabulary(promoted: Sequence[tuple[str, float]], suppressed: Sequence[tuple[str, float]], *,
+                      neuron: str) -> Plot:
+    """Two bar panels: the tokens a neuron's write-in promotes most (left) and suppresses most (right).
+
+    Args:
+        promoted, suppressed: (token text, W_U[t] · W_down[:, i]) pairs, strongest first (drawn at the top).
+        neuron: how the neuron is named in the title, e.g. "L3·n120".
+    """
+    panels = []
+    for name, pairs in (("promoted", promoted), ("suppressed", suppressed)):
+        pairs = list(pairs)
+        values = _array([v for _, v in pairs], name, 1)
+        panels.append(([repr(str(t))[1:-1] or "∅" for t, _ in pairs], values))
+    n = max(len(labels) for labels, _ in panels)
+    fig = _figure(7.0, min(max(1.2 + 0.28 * n, 2.6), 8.0))
+    for k, ((labels, values), title, colour) in enumerate(zip(panels, ("promotes", "suppresses"),
+                                                              (_PALETTE[2], _PALETTE[3]))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        y = np.arange(len(labels))
+        ax.barh(y, values, color=colour)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("W_U · W_down[:, i] (logit per unit z)")
+        ax.set_title(f"{neuron} {title}")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    caption = (f"Vocabulary tokens whose logits neuron {neuron}'s write-in raises (left) and lowers (right) most "
+               f"per unit of activation (direct path, before the final norm).")
+    return Plot(fig, caption)

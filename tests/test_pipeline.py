@@ -63,6 +63,10 @@ def test_rank_writes_an_artifact_and_a_killed_run_resumes_to_the_same_one(toy_vl
     assert torch.equal(resumed.tasks["vqa"].baselines["dvp"], ranking.baselines["dvp"])
     for file in ("vqa/heads.safetensors", "vqa/neurons.safetensors", "vqa/top.json"):
         assert (tmp_path / "resumed" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes()
+    # the stats file's metadata order is not fixed (safetensors keeps it in a hash map): compare what it holds
+    a, b = rankings.load(tmp_path / "resumed").task("vqa").stats, rankings.load(tmp_path / "whole").task("vqa").stats
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("mean", "std", "mean_abs", "positive"))
+    assert (a.items, a.position, a.data) == (b.items, b.position, b.data)
 
 
 def _neurons_file(folder, task):
@@ -165,3 +169,67 @@ def test_mask_eval_names_the_available_methods(toy_world, tmp_path):
     cli.main(["mask-eval", *common, "--rankings", str(tmp_path / "r"), "--methods", "ap,ma", "--top-ratio", "0.05",
               "--json", str(out)])
     assert set(json.loads(out.read_text())["tasks"]["vqa"]) == {"ap", "ma"}
+
+
+def _stats_by_hand(vlm, items):
+    """z at the last prompt position of each item run alone (a plain hook on every down_proj), as numpy [n, L, I]."""
+    import numpy as np
+
+    seen = {}
+    hooks = [layer.down_proj.register_forward_pre_hook(
+        lambda module, args, index=layer.index: seen.__setitem__(index, args[0][0, -1].double().numpy().copy()))
+        for layer in vlm.arch.layers]
+    try:
+        rows = []
+        for item in items:
+            with torch.inference_mode():
+                vlm.last_hidden(vlm.encode([item.load_image()], [item.prompt]).inputs, use_cache=False)
+            rows.append(np.stack([seen[l] for l in range(vlm.arch.num_layers)]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.stack(rows)
+
+
+def test_rank_stores_discovery_stats_and_add_stats_adds_them_to_an_artifact_without(toy_vlm, toy_items, toy_world,
+                                                                                    tmp_path):
+    import numpy as np
+
+    from hones_core import cli
+    from hones_core.errors import RankingsMismatchError
+    from hones_core.pipeline import add_stats
+
+    items = toy_items("vqa")[:4]
+    data = str(toy_world / "discovery.json")
+    params = RankParams(utility="logprob", top_heads=2, batch_size=4, limit=4)
+    out = tmp_path / "art"
+    stats = rank(toy_vlm, {"vqa": items}, out, data_file=data, params=params, show_progress=False).tasks["vqa"].stats
+    assert (stats.items, stats.position, stats.data) == (4, "last_prompt", {"file": "discovery.json", "items": 4})
+    # against each item run alone; float32 activations of a batch of 4 vs batch 1: agree to ~1e-6 relative
+    z = _stats_by_hand(toy_vlm, items)                                             # [4, L, I]
+    scale = float(np.abs(z).max())
+    for name, expected in (("mean", z.mean(0)), ("std", z.std(0)), ("mean_abs", np.abs(z).mean(0))):
+        assert np.abs(getattr(stats, name).numpy() - expected).max() <= 1e-5 * scale, name
+    # P(z > 0) counts items: only a z within rounding of 0 could flip sign between the two runs
+    sure = (np.abs(z) > 1e-3).all(0)                                               # [L, I]
+    assert sure.mean() > 0.95
+    assert np.array_equal(stats.positive.numpy()[sure], (z > 0).mean(0).astype(np.float32)[sure])
+    assert torch.equal(rankings.load(out).task("vqa").stats.mean, stats.mean)
+
+    # an artifact from before stats existed: it loads, and add_stats computes the same (same batches: bitwise)
+    (out / "vqa" / "stats.safetensors").unlink()
+    assert rankings.load(out).task("vqa").stats is None
+    added = add_stats(toy_vlm, {"vqa": items}, out, data_file=data, batch_size=4, show_progress=False)["vqa"]
+    for name in ("mean", "std", "mean_abs", "positive"):
+        assert torch.equal(getattr(added, name), getattr(stats, name)), name
+    assert torch.equal(rankings.load(out).task("vqa").stats.std, stats.std)
+    with pytest.raises(RankingsMismatchError, match=r"not the split.*vqa: 4 image\(s\) that are not in the discovery"):
+        add_stats(toy_vlm, {"vqa": toy_items("vqa")[8:12]}, out, data_file=data, show_progress=False)
+    with pytest.raises(RankingsMismatchError, match="vqa: 5 items here, 4 when ranked"):
+        add_stats(toy_vlm, {"vqa": toy_items("vqa")[:5]}, out, data_file=data, show_progress=False)
+
+    # the CLI takes --limit (and seed, negatives) from the manifest when not given
+    (out / "vqa" / "stats.safetensors").unlink()
+    cli.main(["stats", "--model", str(ASSETS / "toy-vlm"), "--rankings", str(out), "--data", data, "--task", "vqa",
+              "--device", "cpu", "--batch-size", "4"])
+    assert torch.equal(rankings.load(out).task("vqa").stats.mean, stats.mean)

@@ -142,3 +142,20 @@ def test_cli_push_draws_the_card_figures(tmp_path, hub):
         assert f"]({name})" in card
     assert "Head scores S(l,h) for ocr" in card
     assert R.load("org/with-figures", cache_dir=hub.cache).tasks.keys() == {"vqa", "ocr"}
+
+
+def test_discovery_stats_travel_through_the_hub(tmp_path, hub):
+    import torch
+
+    artifact = make_rankings("vqa", "caption")
+    L, I = artifact.tasks["vqa"].importance.shape
+    g = torch.Generator().manual_seed(1)
+    artifact.tasks["vqa"].stats = R.NeuronStats(mean=torch.randn(L, I, generator=g), std=torch.rand(L, I, generator=g),
+                                                mean_abs=torch.rand(L, I, generator=g),
+                                                positive=torch.rand(L, I, generator=g), items=5, data={"file": "d"})
+    R.push(R.save(artifact, tmp_path / "art"), "org/with-stats")
+    assert "vqa/stats.safetensors" in hub.store.files("org/with-stats")
+    loaded = R.load("org/with-stats", cache_dir=hub.cache)
+    got = loaded.task("vqa").stats
+    assert torch.equal(got.mean, artifact.tasks["vqa"].stats.mean) and (got.items, got.data) == (5, {"file": "d"})
+    assert loaded.task("caption").stats is None

@@ -195,3 +195,43 @@ def test_methods_list_the_papers_baselines_first_whatever_order_the_file_had():
     baselines = {name: torch.rand(L_, I_) for name in ("zeta", "dvp", "ma", "activation", "ape", "ap")}
     r = TaskRanking("vqa", torch.zeros(L_, 2), torch.rand(L_, I_), [], baselines=baselines)
     assert r.methods() == ["hones", "ap", "ma", "ape", "activation", "dvp", "zeta", "random"]
+
+
+# --------------------------------------------------------------------------- ranks and statistics
+
+
+def test_rank_of_is_the_position_in_a_sort_by_hand_ties_by_lower_flat_index():
+    g = torch.Generator().manual_seed(4)
+    importance = (torch.rand(3, 8, generator=g) * 4).round() / 4         # few distinct values: many ties
+    importance[0, 0] = 0.0
+    r = hand_made(importance)
+    flat = importance.flatten().tolist()
+    for method, scores in (("hones", flat), ("dvp", [-s for s in flat])):
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))     # best first, then lower index
+        for position, index in enumerate(order, 1):
+            assert r.rank_of(method, index // 8, index % 8) == position, (method, index)
+    # rank <= budget is exactly what select takes (for HONES: those with importance > 0)
+    ratio = 0.25
+    chosen = {(l, n) for l, ns in r.select("dvp", ratio).items() for n in ns}
+    assert chosen == {(l, n) for l in range(3) for n in range(8) if r.rank_of("dvp", l, n) <= R.budget(ratio, 24)}
+    with pytest.raises(ValueError, match="drawn at selection time"):
+        r.rank_of("random", 0, 0)
+    with pytest.raises(ValueError, match=r"outside the rankings' 3 layers x 8 neurons"):
+        r.rank_of("hones", 3, 0)
+
+
+def test_neuron_stats_check_their_inputs():
+    ok = dict(mean=torch.zeros(L, I), std=torch.ones(L, I), mean_abs=torch.ones(L, I), positive=torch.full((L, I), .5),
+              items=4)
+    assert R.NeuronStats(**ok).shape == (L, I)
+    for change, message in ((dict(std=-torch.ones(L, I)), "cannot be negative"),
+                            (dict(positive=torch.full((L, I), 1.5)), r"\[0, 1\]"),
+                            (dict(items=0), "at least one item"),
+                            (dict(mean=torch.zeros(L, I + 1)), "share one"),
+                            (dict(mean=torch.full((L, I), math.nan)), "NaN")):
+        with pytest.raises(ValueError, match=message):
+            R.NeuronStats(**{**ok, **change})
+    wrong = R.NeuronStats(**{**ok, **{k: torch.zeros(L, I + 1) for k in ("mean", "std", "mean_abs", "positive")}})
+    with pytest.raises(ValueError, match="stats have shape"):
+        TaskRanking(task="vqa", head_scores=torch.zeros(L, H), importance=torch.zeros(L, I), top_heads=[],
+                    stats=wrong)

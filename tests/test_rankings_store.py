@@ -178,3 +178,72 @@ def test_a_stored_evaluation_round_trips_and_shows_in_the_card(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(RankingsSchemaError, match="evaluation.json must hold an object"):
         R.load(directory)
+
+
+# --------------------------------------------------------------------------- discovery statistics
+
+
+def make_stats(seed=0, shape=(L, I), items=7):
+    g = torch.Generator().manual_seed(seed)
+    return R.NeuronStats(mean=torch.randn(shape, generator=g), std=torch.rand(shape, generator=g),
+                         mean_abs=torch.rand(shape, generator=g), positive=torch.rand(shape, generator=g),
+                         items=items, data={"file": "disc.jsonl", "items": items})
+
+
+def test_stats_round_trip_through_save_and_load(tmp_path):
+    artifact = make_rankings("vqa", "caption")
+    artifact.tasks["vqa"].stats = make_stats(seed=3)
+    out = R.save(artifact, tmp_path / "art")
+    assert (out / "vqa" / "stats.safetensors").is_file() and not (out / "caption" / "stats.safetensors").exists()
+    loaded = R.load(out)
+    got, want = loaded.task("vqa").stats, artifact.tasks["vqa"].stats
+    for name in ("mean", "std", "mean_abs", "positive"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert (got.items, got.position, got.data) == (7, "last_prompt", {"file": "disc.jsonl", "items": 7})
+    assert got.of(1, 4) == {name: float(getattr(want, name)[1, 4]) for name in ("mean", "std", "mean_abs", "positive")}
+    assert loaded.task("caption").stats is None
+    card = (out / "README.md").read_text()
+    assert "vqa (7 items)" in card and "Missing for caption" in card and "python -m hones_core stats" in card
+
+
+def test_an_artifact_without_stats_loads_and_save_stats_adds_them(tmp_path):
+    out = R.save(make_rankings("vqa", "caption"), tmp_path / "art", figures={"fig/a.png": "A figure"})
+    before = R.load(out)
+    assert all(r.stats is None for r in before.tasks.values())
+    assert "none stored" in (out / "README.md").read_text()
+    written = R.save_stats(out, {"vqa": make_stats(1), "caption": make_stats(2, items=3)})
+    assert written == [out / "vqa" / "stats.safetensors", out / "caption" / "stats.safetensors"]
+    after = R.load(out)
+    assert torch.equal(after.task("caption").stats.mean, make_stats(2, items=3).mean)
+    assert after.task("caption").stats.items == 3
+    card = (out / "README.md").read_text()
+    assert "vqa (7 items), caption (3 items)" in card and "![A figure](fig/a.png)" in card
+    # the rest of the artifact is as it was
+    for name in ("vqa", "caption"):
+        assert torch.equal(after.task(name).importance, before.task(name).importance)
+    with pytest.raises(RankingsError, match="no 'ocr' task"):
+        R.save_stats(out, {"ocr": make_stats()})
+    with pytest.raises(RankingsMismatchError, match=r"\[2, 50\].*\[3, 50\]"):
+        R.save_stats(out, {"vqa": make_stats(shape=(2, I))})
+    # re-saving a task without stats drops the stale file (measured for the earlier ranking)
+    R.save_task(out, make_task("vqa", seed=9))
+    assert not (out / "vqa" / "stats.safetensors").exists() and R.load(out).task("caption").stats is not None
+
+
+def test_malformed_stats_files_are_refused(tmp_path):
+    out = R.save(make_rankings("vqa"), tmp_path / "art")
+    path = out / "vqa" / "stats.safetensors"
+    good = {name: getattr(make_stats(), name) for name in ("mean", "std", "mean_abs", "positive")}
+    meta = {"items": "7", "position": "last_prompt", "data": "{}"}
+    save_file({**good, "std": torch.rand(L, I + 1)}, str(path), metadata=meta)
+    with pytest.raises(RankingsSchemaError, match=r"stats.safetensors: 'std' has shape \[3, 51\]"):
+        R.load(out)
+    save_file({**good, "std": -torch.rand(L, I)}, str(path), metadata=meta)
+    with pytest.raises(RankingsSchemaError, match="cannot be negative"):
+        R.load(out)
+    save_file(good, str(path), metadata={"position": "last_prompt"})
+    with pytest.raises(RankingsSchemaError, match="'items'"):
+        R.load(out)
+    save_file({k: v for k, v in good.items() if k != "positive"}, str(path), metadata=meta)
+    with pytest.raises(RankingsSchemaError, match="no tensor 'positive'"):
+        R.load(out)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .schema import CARD_FILE, DEFAULT_RATIO, SCHEMA, Rankings
+from .schema import CARD_FILE, DEFAULT_RATIO, SCHEMA, STATS_FILE, Rankings
 
 # One figure per line, as `dataset_card` writes them: ![caption](path)
 _FIGURE_LINE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<path>[^)]+)\)\s*$", re.MULTILINE)
@@ -85,6 +85,7 @@ def dataset_card(rankings: Rankings, figures: Mapping[str, str] | None = None) -
         fallback = "yes: unconditioned DVP" if ranking.fallback else "no"
         lines.append(f"| {name} | {heads or '—'} | {count} | {', '.join(ranking.baselines) or '—'} | {scales} "
                      f"| {fallback} |")
+    lines += ["", stats_line(rankings)]
     notes = [(name, r.notes) for name, r in rankings.tasks.items() if r.notes]
     if notes:
         lines += ["", *[f"- **{name}**: {text}" for name, text in notes]]
@@ -102,6 +103,20 @@ def dataset_card(rankings: Rankings, figures: Mapping[str, str] | None = None) -
         for png, caption in figures.items():
             lines += [f"![{caption}]({png})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def stats_line(rankings: Rankings) -> str:
+    """The card's line on per-neuron discovery statistics: which tasks store them, or how to add them."""
+    have = {name: r.stats.items for name, r in rankings.tasks.items() if r.stats is not None}
+    how = ("`python -m hones_core stats --model <model> --rankings <this folder> --data <the discovery split>` "
+           "adds them without re-ranking")
+    if not have:
+        return f"Per-neuron discovery statistics (`<task>/{STATS_FILE}`): none stored; {how}."
+    listed = ", ".join(f"{name} ({n} items)" for name, n in have.items())
+    missing = [name for name in rankings.tasks if name not in have]
+    text = (f"Per-neuron discovery statistics (`<task>/{STATS_FILE}`: mean, std, mean |z| and P(z > 0) of each "
+            f"neuron's activation at the last prompt position): {listed}.")
+    return text + (f" Missing for {', '.join(missing)}: {how}." if missing else "")
 
 
 def evaluation_lines(evaluation: Mapping | None) -> list[str]:
@@ -129,4 +144,4 @@ def evaluation_lines(evaluation: Mapping | None) -> list[str]:
     return lines
 
 
-__all__ = ["dataset_card", "linked_figures", "evaluation_lines"]
+__all__ = ["dataset_card", "linked_figures", "stats_line", "evaluation_lines"]

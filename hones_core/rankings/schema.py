@@ -9,7 +9,13 @@ An artifact is a directory, and a Hub *dataset* repo with the same files:
                                 + baseline matrices under their method names ("activation", "dvp")
     <task>/top.json             the top selection at the default ratio, the top heads, fallback, notes
     <task>/scales.safetensors   optional learned scales: "scale" [n] float32, "layer"/"neuron" [n] int64
+    <task>/stats.safetensors    optional per-neuron discovery statistics of z at the last prompt position:
+                                "mean", "std", "mean_abs", "positive" [layers, intermediate] float32,
+                                metadata "items" (how many), "position" and "data" (JSON)
     README.md                   dataset card
+
+An artifact without stats files (written before they existed) loads as before; its tasks'
+`stats` is None (`python -m hones_core stats ...` adds them without re-ranking).
 
 `ModelInfo`, `Scales`, `TaskRanking` and `Rankings` hold it in memory; `validate`,
 `check_against` and `check_task_shapes` refuse rankings that do not fit a model.
@@ -41,6 +47,8 @@ NEURONS_FILE = "neurons.safetensors"
 TOP_FILE = "top.json"
 SCALES_FILE = "scales.safetensors"
 CARD_FILE = "README.md"
+STATS_FILE = "stats.safetensors"        # optional: per-neuron discovery statistics (NeuronStats)
+STATS_POSITION = "last_prompt"          # where they are measured: the position DVP reads (the first answer token's)
 EVALUATION_FILE = "evaluation.json"     # optional: stored `mask-eval` results (budgets, methods, cross-ablation)
 # other names people use for a method: the paper's issue text calls mean |z| "magnitude"
 METHOD_ALIASES = {"magnitude": "activation"}
@@ -154,6 +162,60 @@ class Scales:
 
 
 @dataclass(eq=False)
+class NeuronStats:
+    """Per-neuron statistics of the FFN activation z over a task's discovery items.
+
+    Measured where the method measures the write-in contribution: at the last prompt position
+    (the position whose output predicts the first answer token), one value per item, with no
+    intervention; retrieval items use the positive candidate's prompt (`TaskItem.prompt`).
+
+    Attributes:
+        mean: mean z, `[layers, intermediate]` float32.
+        std: standard deviation of z over the items (population, ddof 0), same shape, >= 0.
+        mean_abs: mean |z|, same shape.
+        positive: fraction of items with z > 0, same shape, in [0, 1].
+        items: how many items the statistics are over (>= 1).
+        position: where z was read (`STATS_POSITION`).
+        data: JSON-able description of the split (file name, item count, image digest).
+    """
+    mean: torch.Tensor
+    std: torch.Tensor
+    mean_abs: torch.Tensor
+    positive: torch.Tensor
+    items: int
+    position: str = STATS_POSITION
+    data: dict = field(default_factory=dict)
+
+    FIELDS = ("mean", "std", "mean_abs", "positive")
+
+    def __post_init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, _float32(getattr(self, name), f"stats {name!r}", 2))
+        shapes = {tuple(getattr(self, name).shape) for name in self.FIELDS}
+        if len(shapes) != 1:
+            raise ValueError(f"stats tensors must share one [layers, intermediate] shape, got "
+                             f"{ {name: list(getattr(self, name).shape) for name in self.FIELDS} }")
+        if isinstance(self.items, bool) or not isinstance(self.items, int) or self.items < 1:
+            raise ValueError(f"stats must be over at least one item, got items={self.items!r}")
+        if (self.std < 0).any() or (self.mean_abs < 0).any():
+            raise ValueError("stats 'std' and 'mean_abs' cannot be negative")
+        if (self.positive < 0).any() or (self.positive > 1).any():
+            raise ValueError("stats 'positive' is a fraction of items and must lie in [0, 1]")
+        json.dumps(self.data)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mean.shape)
+
+    def of(self, layer: int, neuron: int) -> dict[str, float]:
+        """{"mean", "std", "mean_abs", "positive"} of one neuron, as floats."""
+        return {name: float(getattr(self, name)[layer, neuron]) for name in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return f"NeuronStats(shape={list(self.shape)}, items={self.items}, position={self.position!r})"
+
+
+@dataclass(eq=False)
 class TaskRanking:
     """Head scores and neuron rankings of one task.
 
@@ -166,6 +228,7 @@ class TaskRanking:
         fallback: no top head scored above 0, so `importance` is the unconditioned DVP.
         scales: learned steering scales, if trained.
         notes: free text shown in the card (e.g. why fallback happened).
+        stats: per-neuron discovery statistics (`NeuronStats`), if stored.
     """
     task: str
     head_scores: torch.Tensor
@@ -175,6 +238,7 @@ class TaskRanking:
     fallback: bool = False
     scales: Scales | None = None
     notes: str = ""
+    stats: NeuronStats | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -203,11 +267,15 @@ class TaskRanking:
             L, I = self.importance.shape
             if len(self.scales) and (int(self.scales.layers.max()) >= L or int(self.scales.neurons.max()) >= I):
                 raise ValueError(f"scales index neurons outside importance [{L}, {I}]")
+        if self.stats is not None and self.stats.shape != tuple(self.importance.shape):
+            raise ValueError(f"stats have shape {list(self.stats.shape)}, importance has "
+                             f"{list(self.importance.shape)}")
 
     def __repr__(self) -> str:
         return (f"TaskRanking(task={self.task!r}, head_scores={list(self.head_scores.shape)}, "
                 f"importance={list(self.importance.shape)}, top_heads={self.top_heads}, "
-                f"baselines={list(self.baselines)}, fallback={self.fallback}, scales={self.scales!r})")
+                f"baselines={list(self.baselines)}, fallback={self.fallback}, scales={self.scales!r}, "
+                f"stats={self.stats!r})")
 
     def positive_only(self, method: str) -> bool:
         """Whether `method` selects only neurons with a score above 0.
@@ -272,6 +340,26 @@ class TaskRanking:
             return random_like(counts(self.select("hones", ratio)), width, seed=seed)
         order, _ = top_flat(self.matrix(method), ratio, positive_only=self.positive_only(method))
         return from_flat(order.tolist(), width)
+
+    def rank_of(self, method: str, layer: int, neuron: int) -> int:
+        """1-based rank of (layer, neuron) among all layers x intermediate neurons by `method`'s score.
+
+        The order `select` uses: higher score first, ties broken by the lower flat index
+        (layer * intermediate + neuron), so `select(method, ratio)` holds exactly the neurons of
+        rank <= `budget(ratio, ...)` (for HONES: those of them with importance > 0).
+
+        Raises:
+            ValueError: an unknown method, "random" (no scores), or an index outside the matrix.
+        """
+        matrix = self.matrix(method)
+        L, I = matrix.shape
+        if not (0 <= layer < L and 0 <= neuron < I):
+            raise ValueError(f"neuron ({layer}, {neuron}) is outside the rankings' {L} layers x {I} neurons "
+                             f"(valid: layer 0..{L - 1}, neuron 0..{I - 1})")
+        flat = matrix.flatten()
+        index = layer * I + neuron
+        score = flat[index]
+        return 1 + int((flat > score).sum()) + int((flat[:index] == score).sum())
 
     def ranked(self, method: str = "hones", ratio: float = DEFAULT_RATIO) -> list[tuple[int, int, float]]:
         """The same neurons as `select(method, ratio)` as (layer, neuron, score), best first."""
@@ -417,5 +505,6 @@ def check_task_shapes(model: ModelInfo, ranking: TaskRanking, where: str) -> Non
 
 
 __all__ = ["SCHEMA", "DEFAULT_RATIO", "RESERVED_METHODS", "MANIFEST", "HEADS_FILE", "NEURONS_FILE", "TOP_FILE",
-           "SCALES_FILE", "CARD_FILE", "EVALUATION_FILE", "ModelInfo", "Scales", "TaskRanking", "Rankings", "validate",
+           "SCALES_FILE", "STATS_FILE", "STATS_POSITION", "CARD_FILE", "EVALUATION_FILE", "ModelInfo", "Scales",
+           "NeuronStats", "TaskRanking", "Rankings", "validate",
            "check_against", "is_hub_id", "check_task_shapes"]

@@ -1,6 +1,6 @@
 """Writing and reading a rankings artifact in a local folder, every file checked against the schema.
 
-`save` writes a whole artifact, `save_task` and `save_scales` update one; `read_dir` reads a
+`save` writes a whole artifact, `save_task`, `save_scales` and `save_stats` update one; `read_dir` reads a
 folder back into `Rankings` (shapes and dtypes checked against the manifest's model, the top
 list against the matrices). Every file is written atomically (temp file in the same folder,
 then `os.replace`), the manifest last. `write_scales` / `read_scales` handle a scales file on
@@ -23,7 +23,8 @@ from ..files import atomic_write, json_bytes, read_json
 from ..tasks import TASKS
 from .card import dataset_card, linked_figures
 from .schema import (CARD_FILE, DEFAULT_RATIO, EVALUATION_FILE, HEADS_FILE, MANIFEST, NEURONS_FILE, SCALES_FILE,
-                     SCHEMA, TOP_FILE, ModelInfo, Rankings, Scales, TaskRanking, check_task_shapes)
+                     SCHEMA, STATS_FILE, TOP_FILE, ModelInfo, NeuronStats, Rankings, Scales, TaskRanking,
+                     check_task_shapes)
 
 
 # --------------------------------------------------------------------------- writing
@@ -50,6 +51,16 @@ def _write_task(directory: Path, ranking: TaskRanking) -> None:
         _write_scales(task_dir / SCALES_FILE, ranking.scales)
     elif (task_dir / SCALES_FILE).exists():
         (task_dir / SCALES_FILE).unlink()   # learned for an earlier ranking of this task: stale now
+    if ranking.stats is not None:
+        _write_stats(task_dir / STATS_FILE, ranking.stats)
+    elif (task_dir / STATS_FILE).exists():
+        (task_dir / STATS_FILE).unlink()    # measured for an earlier ranking of this task: stale now
+
+
+def _write_stats(path: Path, stats: NeuronStats) -> None:
+    metadata = {"items": str(stats.items), "position": stats.position, "data": json.dumps(stats.data)}
+    atomic_write(path, safetensors_bytes({name: getattr(stats, name) for name in NeuronStats.FIELDS},
+                                          metadata=metadata))
 
 
 def _write_scales(path: Path, scales: Scales) -> None:
@@ -181,6 +192,42 @@ def save_scales(rankings_dir: str | Path, task: str, scales: Scales) -> Path:
     return path
 
 
+def save_stats(rankings_dir: str | Path, stats: Mapping[str, NeuronStats]) -> list[Path]:
+    """Store per-neuron discovery statistics for tasks of an existing artifact (no re-ranking).
+
+    Args:
+        rankings_dir: the artifact folder.
+        stats: task -> its `NeuronStats` (`activation_stats.discovery_stats`).
+
+    Returns:
+        The written `<task>/stats.safetensors` files.
+
+    Raises:
+        RankingsNotFoundError: no folder at `rankings_dir`.
+        RankingsSchemaError: the folder is not a valid artifact.
+        RankingsError: the artifact has no such task.
+        RankingsMismatchError: the statistics do not have the model's [layers, intermediate] shape.
+    """
+    directory = Path(rankings_dir)
+    rankings = read_dir(existing_dir(directory), origin=str(directory))
+    model = rankings.model
+    expected = (model.num_layers, model.intermediate_size)
+    for task, task_stats in stats.items():
+        rankings.task(task)
+        if task_stats.shape != expected:
+            raise RankingsMismatchError(
+                f"{task} stats have shape {list(task_stats.shape)}, but {model.describe()} has {list(expected)} "
+                f"[layers, intermediate] — compute them with the model these rankings belong to")
+    written = []
+    for task, task_stats in stats.items():
+        path = directory / task / STATS_FILE
+        _write_stats(path, task_stats)
+        rankings.tasks[task].stats = task_stats
+        written.append(path)
+    atomic_write(directory / CARD_FILE, dataset_card(rankings, linked_figures(directory)).encode())
+    return written
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -253,6 +300,23 @@ def _read_scales(path: Path, shown: str, model: ModelInfo) -> Scales:
         raise RankingsSchemaError(f"{shown}: {e}") from e
 
 
+def _read_stats(path: Path, shown: str, model: ModelInfo) -> NeuronStats:
+    tensors, metadata = _read_tensors(path, shown)
+    shape = (model.num_layers, model.intermediate_size)
+    values = {name: _expect(tensors, name, shape, torch.float32, shown) for name in NeuronStats.FIELDS}
+    try:
+        items = int(metadata["items"])
+        data = json.loads(metadata.get("data", "{}"))
+        position = metadata["position"]
+    except (KeyError, ValueError) as e:    # json.JSONDecodeError is a ValueError
+        raise RankingsSchemaError(f"{shown}: metadata must give 'items' (an integer), 'position' and 'data' "
+                                  f"(JSON) ({e!r})") from e
+    try:
+        return NeuronStats(**values, items=items, position=position, data=data)
+    except ValueError as e:
+        raise RankingsSchemaError(f"{shown}: {e}") from e
+
+
 def _read_task(directory: Path, task: str, model: ModelInfo, origin: str) -> TaskRanking:
     def shown(name: str) -> str:
         return f"{origin}/{task}/{name}"
@@ -279,10 +343,13 @@ def _read_task(directory: Path, task: str, model: ModelInfo, origin: str) -> Tas
     scales = None
     if (directory / task / SCALES_FILE).exists():
         scales = _read_scales(directory / task / SCALES_FILE, shown(SCALES_FILE), model)
+    stats = None       # optional: artifacts written before stats existed have none
+    if (directory / task / STATS_FILE).exists():
+        stats = _read_stats(directory / task / STATS_FILE, shown(STATS_FILE), model)
     try:
         ranking = TaskRanking(task=task, head_scores=head_scores, importance=importance, top_heads=top_heads,
                               baselines=baselines, fallback=top["fallback"], scales=scales,
-                              notes=str(top.get("notes", "")))
+                              notes=str(top.get("notes", "")), stats=stats)
     except ValueError as e:
         raise RankingsSchemaError(f"{origin}/{task}: {e}") from e
     try:
@@ -343,5 +410,5 @@ def read_dir(directory: Path, *, origin: str) -> Rankings:
                     created_with=str(manifest.get("created_with", "")), evaluation=evaluation)
 
 
-__all__ = ["save", "save_task", "save_scales", "save_evaluation", "write_scales", "read_scales", "read_dir",
-           "existing_dir"]
+__all__ = ["save", "save_task", "save_scales", "save_stats", "save_evaluation", "write_scales", "read_scales",
+           "read_dir", "existing_dir"]
