@@ -180,3 +180,32 @@ def test_overlay_puts_the_brightest_block_on_the_cell_with_the_most_weight():
     # cells are 10x10 px blocks (nearest upsampling): the hot one is x 20-29, y 10-19
     assert brightness[12:18, 22:28].min() > brightness[2:8, 2:8].max()
     assert (panel[12:18, 22:28] == panel[15, 25]).all()
+
+
+def test_the_pass_stops_after_the_last_layer_asked_for_and_leaves_no_hooks(computed):
+    vlm, request, att = computed("llava")
+    later = []
+    handle = vlm.model.get_decoder().layers[1].register_forward_pre_hook(lambda m, a: later.append(1))
+    try:
+        early = attention.head_attention(vlm, request, heads=[(0, 1)], plans=[Plan(), STEER])
+    finally:
+        handle.remove()
+    assert later == []                                     # layer 1 never ran
+    for r_early, r_full in zip(early.regions, att.regions):
+        np.testing.assert_allclose(r_early.weights[:, 0], r_full.weights[:, 0], atol=1e-7, rtol=0)
+    assert all(not layer.self_attn._forward_pre_hooks for layer in vlm.arch.layers)    # hooks removed on exit
+
+
+def test_retrieval_reads_the_candidate_asked_for(tiny_vlm, images):
+    vlm = tiny_vlm("qwen2-vl")
+    request = make_request(task="retrieval", image=images[0], candidates="a red circle\na green square")
+    first, second = (attention.head_attention(vlm, request, heads=[(1, 0)], plans=[Plan()], labels=["base"],
+                                              prompt_index=i) for i in (0, 1))
+    assert first.prompt == request.prompts[0] and second.prompt == request.prompts[1]
+    hand = attention_by_hand(vlm, make_request(task="retrieval", image=images[0],
+                                               candidates="a green square\na red circle"), Plan(), 1, 0)
+    # the second candidate's prompt, run alone by hand (put first in a request of its own)
+    np.testing.assert_allclose(second.regions[0].weights[0, 0].ravel(),
+                               hand[list(second.regions[0].positions)].numpy(), atol=TOL, rtol=0)
+    with pytest.raises(DemoInputError, match="prompt_index 2 is out of range"):
+        attention.head_attention(vlm, request, heads=[(1, 0)], plans=[Plan()], labels=["base"], prompt_index=2)
