@@ -209,3 +209,18 @@ def test_retrieval_reads_the_candidate_asked_for(tiny_vlm, images):
                                hand[list(second.regions[0].positions)].numpy(), atol=TOL, rtol=0)
     with pytest.raises(DemoInputError, match="prompt_index 2 is out of range"):
         attention.head_attention(vlm, request, heads=[(1, 0)], plans=[Plan()], labels=["base"], prompt_index=2)
+
+
+def test_concurrent_calls_each_get_their_own_heads_and_plans(computed):
+    from concurrent.futures import ThreadPoolExecutor
+
+    vlm, request, att = computed("llava-qwen2")
+    jobs = [([(0, 1)], [Plan()]), ([(1, 3)], [STEER])] * 4
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: attention.head_attention(vlm, request, heads=job[0], plans=job[1],
+                                                                     labels=["row"]), jobs))
+    for (heads, plans), result in zip(jobs, results):
+        plan_index, head_index = (0, 0) if heads == [(0, 1)] else (1, 1)
+        assert result.heads == heads
+        np.testing.assert_allclose(result.regions[0].weights[0, 0], att.regions[0].weights[plan_index, head_index],
+                                   atol=TOL, rtol=0)
