@@ -224,3 +224,23 @@ def test_concurrent_calls_each_get_their_own_heads_and_plans(computed):
         assert result.heads == heads
         np.testing.assert_allclose(result.regions[0].weights[0, 0], att.regions[0].weights[plan_index, head_index],
                                    atol=TOL, rtol=0)
+
+
+def test_the_toy_vlms_top_heads_through_the_service(demo_service, examples):
+    from conftest import demo_request
+
+    example = examples["vqa"][0]
+    request = demo_request(demo_service, example)             # x0 on the 2 % HONES neurons
+    heads = demo_service.artifact.task("vqa").top_heads[:2]
+    att = attention.head_attention(demo_service.vlm, request, heads=heads,
+                                   plans=[Plan(), demo_service.plan(request)])
+    # the toy: one 96 px image, no splitting; 96 / 16 px patches = 6, pixel-shuffled by 2 -> 3 x 3 tokens
+    [region] = att.regions
+    assert (region.name, region.rows, region.cols) == ("global image", 3, 3)
+    assert region.box == (0, 0, *request.image.size)
+    for i, (layer, head) in enumerate(heads):
+        hand = attention_by_hand(demo_service.vlm, request, Plan(), layer, head)
+        np.testing.assert_allclose(region.weights[0, i].ravel(), hand[list(region.positions)].numpy(),
+                                   atol=TOL, rtol=0)
+    picture, caption = attention.figure(att, request.image, head=0)
+    assert picture.width > picture.height and f"layer {heads[0][0]} head {heads[0][1]}" in caption
