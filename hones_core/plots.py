@@ -481,3 +481,98 @@ def neuron_vocabulary(promoted: Sequence[tuple[str, float]], suppressed: Sequenc
     caption = (f"Vocabulary tokens whose logits neuron {neuron}'s write-in raises (left) and lowers (right) most "
                f"per unit of activation (direct path, before the final norm).")
     return Plot(fig, caption)
+
+
+# --------------------------------------------------------------------------- attention over an image
+# PIL, not matplotlib: these are drawn per request and per head, and composing a few small
+# images is ~100x cheaper than creating a figure.
+
+_HEAT = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)   # [256, 3] LUT
+
+
+def attention_overlay(image, grids: Sequence, boxes: Sequence[tuple[float, float, float, float]], *,
+                      vmin: float = 0.0, vmax: float | None = None, size: int = 320, alpha: float = 0.6,
+                      title: str = ""):
+    """One heatmap panel: `image` scaled to `size` px on its longest side, each grid drawn over its box.
+
+    Args:
+        image: a PIL image.
+        grids: `[rows, cols]` arrays of non-negative weights, one per box.
+        boxes: (left, top, right, bottom) in pixels of `image` that each grid covers (may reach outside it).
+        vmin, vmax: the weights drawn darkest and brightest (vmax default: the largest in `grids`);
+            vmax <= vmin draws every cell dark.
+        size: the panel's longest side, px.
+        alpha: opacity of the heatmap over the image.
+        title: a line drawn above the panel.
+
+    Returns:
+        A PIL RGB image: cells upsampled nearest-neighbour (each token stays one visible block).
+
+    Raises:
+        ValueError: grids and boxes differ in number, a grid is not 2-D or has a negative weight.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(grids) != len(boxes) or not grids:
+        raise ValueError(f"grids and boxes must be as many and at least one ({len(grids)} vs {len(boxes)})")
+    arrays = [_array(g, "grid", 2) for g in grids]
+    if any((a < 0).any() for a in arrays):
+        raise ValueError("attention weights must be non-negative")
+    top = max(float(a.max()) for a in arrays) if vmax is None else float(vmax)
+    scale = size / max(image.size)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    base = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    heat = base.copy()
+    for a, (left, upper, right, lower) in zip(arrays, boxes):
+        x0, y0, x1, y1 = (round(v * scale) for v in (left, upper, right, lower))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        levels = np.zeros(a.shape, dtype=np.uint8) if top <= vmin else \
+            np.clip((a - vmin) / (top - vmin) * 255, 0, 255).astype(np.uint8)
+        cells = Image.fromarray(_HEAT[levels]).resize((x1 - x0, y1 - y0), Image.Resampling.NEAREST)
+        # the part of the box inside the panel (LLaVA's padded square reaches outside the image)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if cx1 > cx0 and cy1 > cy0:
+            heat.paste(cells.crop((cx0 - x0, cy0 - y0, cx1 - x0, cy1 - y0)), (cx0, cy0))
+    panel = Image.blend(base, heat, alpha)
+    draw = ImageDraw.Draw(panel)
+    for left, upper, right, lower in boxes:          # region outlines (tiles), clipped to the panel
+        draw.rectangle([max(0, round(left * scale)), max(0, round(upper * scale)),
+                        min(width - 1, round(right * scale) - 1), min(height - 1, round(lower * scale) - 1)],
+                       outline=(255, 255, 255))
+    if not title:
+        return panel
+    band = 22
+    out = Image.new("RGB", (width, height + band), (255, 255, 255))
+    out.paste(panel, (0, band))
+    ImageDraw.Draw(out).text((4, 4), title, fill=(0, 0, 0), font=_font(14))
+    return out
+
+
+def image_grid(rows: Sequence[Sequence], *, title: str = "", gap: int = 8):
+    """PIL images laid out in rows (each row left to right), white gaps, an optional title line on top."""
+    from PIL import Image, ImageDraw
+
+    if not rows or not all(rows):
+        raise ValueError("image_grid needs at least one non-empty row")
+    col_w = [max(row[i].width for row in rows if i < len(row)) for i in range(max(len(r) for r in rows))]
+    row_h = [max(img.height for img in row) for row in rows]
+    band = 26 if title else 0
+    out = Image.new("RGB", (sum(col_w) + gap * (len(col_w) + 1), band + sum(row_h) + gap * (len(rows) + 1)),
+                    (255, 255, 255))
+    y = band + gap
+    for row, h in zip(rows, row_h):
+        x = gap
+        for img, w in zip(row, col_w):
+            out.paste(img, (x, y))
+            x += w + gap
+        y += h + gap
+    if title:
+        ImageDraw.Draw(out).text((gap, 6), title, fill=(0, 0, 0), font=_font(16))
+    return out
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("llava", "llava-qwen2", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "idefics3")
+FAMILIES = ("llava", "llava-qwen2", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm")
 
 _CORPUS = [
     "Question: What color is the circle?\nAnswer the question with a short phrase.",
@@ -181,28 +181,34 @@ def _build_qwen_vl(out: Path, version: str) -> None:
     _save(model_cls(config), processor, out)
 
 
-def _build_idefics3(out: Path) -> None:
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+def _build_idefics3(out: Path, name: str = "Idefics3") -> None:
+    """Idefics3, or SmolVLM (`name="SmolVLM"`: its own classes, the same tiling; its processor also
+    takes a video processor and needs the `num2words` package)."""
+    import transformers as tf
 
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
-                "<image>", "<global-img>", *grid]
+                "<image>", "<global-img>", *(["<video>"] if name == "SmolVLM" else []), *grid]
     tokenizer = train_tokenizer(specials, {"image_token": "<image>"}, bos="<|im_start|>",
                                 eos="<end_of_utterance>", pad="<|endoftext|>", vocab_size=480)
-    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=32, patch_size=8)
-    text = LlamaConfig(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    vision = getattr(tf, f"{name}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=2, image_size=32, patch_size=8)
+    text = tf.LlamaConfig(**text_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = getattr(tf, f"{name}Config")(vision_config=vision, text_config=text, scale_factor=2,
+                                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     # (32 / 8)^2 patches, pixel-shuffled by scale 2 -> 4 image tokens per tile
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                             do_image_splitting=True)
+    image_processor = getattr(tf, f"{name}ImageProcessor")(size={"longest_edge": 64},
+                                                           max_image_size={"longest_edge": 32},
+                                                           do_image_splitting=True)
     template = make_chat_template("User:", "Assistant: ", "<end_of_utterance>\n", "Assistant:", "<image>")
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=template)
-    _save(Idefics3ForConditionalGeneration(config), processor, out)
+    extra = {}
+    if name == "SmolVLM":
+        extra["video_processor"] = tf.SmolVLMVideoProcessor(size={"longest_edge": 32},
+                                                            max_image_size={"longest_edge": 32})
+    processor = getattr(tf, f"{name}Processor")(image_processor=image_processor, tokenizer=tokenizer,
+                                                image_seq_len=4, chat_template=template, **extra)
+    _save(getattr(tf, f"{name}ForConditionalGeneration")(config), processor, out)
 
 
 def _save(model: torch.nn.Module, processor, out: Path) -> None:
@@ -223,6 +229,7 @@ def build_tiny_vlm(family: str, out: str | Path, *, seed: int = 0) -> Path:
         "qwen2-vl": lambda: _build_qwen_vl(out, "2"),
         "qwen2.5-vl": lambda: _build_qwen_vl(out, "2.5"),
         "idefics3": lambda: _build_idefics3(out),
+        "smolvlm": lambda: _build_idefics3(out, "SmolVLM"),
     }
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
