@@ -155,7 +155,7 @@ def check_examples(folder: str | Path):
         StartupError: the folder is missing, unreadable, or its examples.json is malformed.
     """
     from hones_core.data import DataFormatError
-    from hones_core.demo import read_examples
+    from hones_core.demo.examples import read_gallery
 
     path = Path(folder).expanduser()
     where = "set --examples / HONES_EXAMPLES to a folder holding examples.json and its images"
@@ -163,7 +163,7 @@ def check_examples(folder: str | Path):
         raise StartupError(f"the examples folder {path} does not exist (or is not a folder): {where}, "
                            f"or leave it unset for the bundled examples.")
     try:
-        return read_examples(path)
+        return read_gallery(path)
     except PermissionError as err:
         raise StartupError(f"the examples folder {path} cannot be read ({err.strerror}: {err.filename}): make it "
                            f"readable by this user, or {where}.") from None
@@ -260,6 +260,8 @@ class Page:
     share_link: Any = None
     share_note: Any = None
     page_url: Any = None
+    task_default: str = ""
+    views: dict = field(default_factory=dict)        # "heads" / "neuron" / "tokens" -> their components
 
     @property
     def inputs(self) -> list:
@@ -275,10 +277,16 @@ class Page:
         return [*self.stored_images.values(), *self.stored_captions.values()]
 
 
-def _task_tabs(service, examples: dict, image, gold, first: str) -> tuple[dict, dict, Any]:
-    """One tab per task (greyed out with the reason where the rankings lack it), its input box and examples."""
+def _task_tabs(service, gallery, image, gold, first: str) -> tuple[dict, dict, Any]:
+    """One tab per task (greyed out with the reason where the rankings lack it), its input box and examples.
+
+    A chosen gallery's badge says how often masking changed the task's answers on its fresh split.
+    """
     import gradio as gr
 
+    from hones_core.demo.examples import gallery_badge
+
+    examples = gallery.examples
     available, unavailable = service.tasks, service.unavailable()
     boxes, tabs = {}, {}
     with gr.Tabs(selected=first) as tabs_box:
@@ -294,6 +302,9 @@ def _task_tabs(service, examples: dict, image, gold, first: str) -> tuple[dict, 
                 else:
                     gr.Markdown(f"{spec.title} needs no extra input.")
                 rows = examples.get(name, [])
+                badge = gallery_badge(name, gallery)
+                if badge:
+                    gr.Markdown(f"_{badge}_", elem_id=f"badge-{name}")
                 if rows:
                     extra = [boxes[spec.input]] if spec.input in boxes else []
                     gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
@@ -301,16 +312,16 @@ def _task_tabs(service, examples: dict, image, gold, first: str) -> tuple[dict, 
     return boxes, tabs, tabs_box
 
 
-def _input_column(service, examples: dict) -> Page:
+def _input_column(service, gallery) -> Page:
     """The left column: image, task tabs, gold answer, factor, budget, neuron set, Run."""
     import gradio as gr
 
     from hones_core.demo import FACTOR_MAX, FACTOR_MIN
 
-    first = default_task(service, examples)
+    first = default_task(service, gallery)
     image = image_path_input(label="Image", height=260, sources=["upload", "clipboard"], elem_id="image")
     gold = gr.Textbox(label=GOLD_LABELS[first], info=GOLD_INFO, elem_id="gold", render=False)
-    boxes, tabs, tabs_box = _task_tabs(service, examples, image, gold, first)
+    boxes, tabs, tabs_box = _task_tabs(service, gallery, image, gold, first)
     gold.render()
     owner = {spec.input: name for name, spec in TASKS.items()}    # a hidden box keeps the API's parameter names
     task_inputs = {kind: boxes.get(kind) or gr.Textbox(visible=False, label=f"{owner[kind]} input")
@@ -321,7 +332,8 @@ def _input_column(service, examples: dict) -> Page:
                             elem_id="budget"))
     method = gr.Dropdown(choices=service.methods(first), value="hones", label="Neuron set", elem_id="method")
     run = gr.Button("Run", variant="primary", elem_id="run")
-    page = Page(None, image, task_inputs, gold, factor, budget, method, run, tabs, tabs_box=tabs_box)
+    page = Page(None, image, task_inputs, gold, factor, budget, method, run, tabs, tabs_box=tabs_box,
+                task_default=first)
     with gr.Row(equal_height=True):
         page.share = gr.Button("Share link", size="sm", elem_id="share", scale=0, min_width=120)
         page.share_link = gr.Textbox(show_label=False, placeholder="press Share link for a URL reproducing this "
@@ -331,7 +343,7 @@ def _input_column(service, examples: dict) -> Page:
     return page
 
 
-def _output_column(page: Page) -> None:
+def _output_column(page: Page, service) -> None:
     """The right column: both answers, the summary, the retrieval table, the plots, the download."""
     import gradio as gr
 
@@ -364,10 +376,36 @@ def _output_column(page: Page) -> None:
                     page.stored_images[key] = gr.Image(label=title, show_label=False, type="pil", interactive=False,
                                                        elem_id=f"stored-{key}", buttons=[])
                     page.stored_captions[key] = gr.Markdown(label=f"{title} (caption)", elem_id=f"stored-{key}-caption")
+    _view_accordions(page, service)
     page.download = gr.File(label="Download results (JSON)", elem_id="download")
 
 
-def build_app(service, examples_dir: str | None = None, examples: dict | None = None, *, autorun: bool = True):
+def _view_accordions(page: Page, service) -> None:
+    """The views computed only when opened: where the heads look, a neuron's card, every answer token."""
+    import gradio as gr
+
+    first = page.task_default
+    with gr.Accordion("Where the heads look: attention of the last prompt position over the image", open=False,
+                      elem_id="view-heads") as box:
+        pick = gr.Dropdown(choices=service.head_choices(first), value=None, allow_custom_value=True,
+                           label="Head: the task's top heads, best first (or type layer, head)", elem_id="head-pick")
+        image = gr.Image(show_label=False, type="pil", interactive=False, elem_id="head-image", buttons=[],
+                         label="Where the head looks")
+        caption = gr.Markdown(elem_id="head-caption", label="Where the head looks (caption)")
+    page.views["heads"] = dict(box=box, pick=pick, outputs=[image, caption])
+    with gr.Accordion("Neuron card: what one neuron writes, how active it is, its ranks, masking it alone",
+                      open=False, elem_id="view-neuron") as box:
+        pick = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="neuron-pick",
+                           label="Neuron: this request's largest contributions among the selected (or type L3·n120)")
+        card = gr.Markdown(elem_id="neuron-card", label="Neuron card")
+    page.views["neuron"] = dict(box=box, pick=pick, outputs=[card, pick])
+    with gr.Accordion("Every answer token: log-probs under the base and the steered model", open=False,
+                      elem_id="view-tokens") as box:
+        table = gr.Markdown(elem_id="answer-tokens", label="Answer tokens")
+    page.views["tokens"] = dict(box=box, pick=None, outputs=[table])
+
+
+def build_app(service, examples_dir: str | None = None, examples=None, *, autorun: bool = True):
     """The page: layout (`_input_column`, `_output_column`), then the events (`_wire`).
 
     Opening the page fills in the default tab's first example and runs it (`autorun`), or the
@@ -375,32 +413,36 @@ def build_app(service, examples_dir: str | None = None, examples: dict | None = 
     """
     import gradio as gr
 
-    from hones_core.demo import read_examples
+    from hones_core.demo.examples import Gallery, read_gallery
 
-    if examples is None:
-        examples = read_examples(examples_dir or DEFAULT_EXAMPLES)
+    gallery = examples if isinstance(examples, Gallery) else \
+        read_gallery(examples_dir or DEFAULT_EXAMPLES) if examples is None else Gallery(examples)
+    examples = gallery.examples
     with gr.Blocks(title="HONES: heads → neurons → steering") as app:
         gr.Markdown(INTRO)
-        task = gr.Textbox(default_task(service, examples), visible=False, label="task",
+        task = gr.Textbox(default_task(service, gallery), visible=False, label="task",
                           elem_id="task")   # the tab; an API input
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                page = _input_column(service, examples)
+                page = _input_column(service, gallery)
             with gr.Column(scale=3, min_width=420):
-                _output_column(page)
+                _output_column(page, service)
         page.task, page.last, page.app = task, gr.State(None), app
-        _wire(service, page, examples, autorun=autorun)
+        _wire(service, page, gallery, autorun=autorun)
     return app
 
 
-def default_task(service, examples: dict) -> str:
-    """The tab the page opens on: the first task whose first gallery example changes under x0, else the first task.
+def default_task(service, gallery) -> str:
+    """The tab the page opens on: the gallery's `default_task`, else the first task whose first example changes.
 
-    (`examples.json` marks each example with `"changes"`: whether masking the HONES neurons at the
-    default budget changes its answer; see `hones_core.toy.examples`.)
+    (A chosen gallery's `examples.json` names the task with the most changed answers beyond random,
+    and marks each example with `"changes"`: whether masking the HONES neurons at the default budget
+    changes its answer; see `hones_core.toy.examples`.) Else the first task.
     """
+    if gallery.default_task in service.tasks:
+        return gallery.default_task
     for task in service.tasks:
-        rows = examples.get(task) or []
+        rows = gallery.examples.get(task) or []
         if rows and rows[0].get("changes"):
             return task
     return service.tasks[0]
@@ -415,16 +457,17 @@ def _example_values(task: str, entry: dict) -> dict:
     return values
 
 
-def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
+def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
     """Every event of the page, each with an api_name: run, sweep, slider moves, tab changes, share, page load."""
     import gradio as gr
 
     from hones_core.demo import PLOTS, DemoInputError, write_results
-    from hones_core.demo.share import INPUT_PARAM, Gallery, make_link, parse_link
+    from hones_core.demo.share import INPUT_PARAM, ShareIndex, make_link, parse_link
 
     results_dir = tempfile.mkdtemp(prefix="hones-results-")
     compute, compute_sweep = _on_gpu(service.compute), _on_gpu(service.compute_sweep)
-    gallery = Gallery(examples)
+    examples = gallery.examples
+    index = ShareIndex(examples)
     keys = [k for k in PLOTS if k != "sweep"]
     inputs, outputs = page.inputs, page.outputs(keys)
     sweep_outputs = [page.plot_images["sweep"], page.plot_captions["sweep"], page.download]
@@ -489,12 +532,13 @@ def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
         """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
         return [name, gr.Dropdown(choices=service.methods(name), value="hones"),
                 gr.Textbox(value="", label=GOLD_LABELS.get(name, GOLD_LABELS["vqa"])), *cleared(""),
-                *stored_values(name)]
+                *stored_values(name), gr.Dropdown(choices=service.head_choices(name), value=None), None, "",
+                "", gr.Dropdown(choices=[], value=None), ""]
 
     def on_share(task_, image_, question_, bbox_, candidates_, gold_, factor_, budget_, method_, url_):
         """A URL reproducing the inputs on the page (`hones_core.demo.share`), and what it does not carry."""
         try:
-            link = make_link(gallery, task=task_, image=image_,
+            link = make_link(index, task=task_, image=image_,
                              texts={"question": question_, "bbox": bbox_, "candidates": candidates_, "gold": gold_},
                              method=method_, budget=budget_, factor=factor_)
         except (TypeError, ValueError) as err:
@@ -506,11 +550,11 @@ def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
         params = dict(req.query_params) if req is not None else {}
         skip = [gr.skip()] * (len(load_outputs) - 1)
         try:
-            shared = parse_link(params, gallery, service.tasks)
+            shared = parse_link(params, index, service.tasks)
         except DemoInputError as err:
             return [*skip, f"_This link cannot be opened: {err}_"]
         if shared is None:
-            task_ = default_task(service, examples)
+            task_ = default_task(service, gallery)
             rows = examples.get(task_) or []
             if not rows or not autorun:
                 return [*skip, ""]
@@ -521,7 +565,7 @@ def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
             task_ = shared.task
             values = {}
             if shared.example:
-                ex_task, entry = gallery.by_id[shared.example]
+                ex_task, entry = index.by_id[shared.example]
                 values = _example_values(ex_task, entry) if ex_task == task_ else {"image": entry["image"]}
             for kind, param in INPUT_PARAM.items():
                 if param in shared.texts:
@@ -546,7 +590,9 @@ def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
             return [gr.skip()] * len(outputs)
         return on_run(*values)
 
-    tab_outputs = [page.task, page.method, page.gold, *cleared_outputs, *page.stored_outputs]
+    tab_outputs = [page.task, page.method, page.gold, *cleared_outputs, *page.stored_outputs,
+                   page.views["heads"]["pick"], *page.views["heads"]["outputs"], *page.views["neuron"]["outputs"],
+                   *page.views["tokens"]["outputs"]]
     for name, tab in page.tabs.items():
         # a tab selected by the page itself (opening a share link sets the task first) keeps what was filled in
         tab.select(lambda current, n=name: [gr.skip()] * len(tab_outputs) if current == n else on_task(n),
@@ -567,6 +613,62 @@ def _wire(service, page: Page, examples: dict, *, autorun: bool = True) -> None:
     page.share.click(on_share, [*inputs, page.page_url], [page.share_link, page.share_note], api_name="share",
                      queue=False, js="(...args) => [...args.slice(0, -1), window.location.origin + "
                                      "window.location.pathname]")
+    # ----- the views computed only when opened: an accordion's state says whether it is open
+    head_view, neuron_view, tokens_view = (_on_gpu(service.head_view), _on_gpu(service.neuron_view),
+                                           _on_gpu(service.tokens_view))
+    open_state = {name: gr.State(False) for name in page.views}
+    picks = [page.views["heads"]["pick"], page.views["neuron"]["pick"]]
+    view_outputs = [o for name in page.views for o in page.views[name]["outputs"]]
+
+    def view_values(name: str, values: list, pick) -> list:
+        """One view's output values for the page's inputs (a message in the view for bad input)."""
+        try:
+            req = request(*values)
+            if name == "heads":
+                return list(head_view(req, pick or None))
+            if name == "neuron":
+                choices = service.neuron_choices(req)
+                chosen = pick or (choices[0] if choices else None)
+                if chosen is None:
+                    return ["_No neuron is selected for this request: type one, e.g. L2·n17._",
+                            gr.Dropdown(choices=choices)]
+                return [neuron_view(req, chosen), gr.Dropdown(choices=service.neuron_choices(req), value=chosen)]
+            return [tokens_view(req)]
+        except DemoInputError as err:
+            LOG.info("%s view not drawn: %s", name, str(err).replace("\n", " "))
+            note = f"_Not computed: {err}_"
+            return {"heads": [None, note], "neuron": [note, gr.skip()], "tokens": [note]}[name]
+
+    def on_views(heads_open, neuron_open, tokens_open, *values):
+        """After a run: recompute the open views for the new request; closed ones stay closed and cost nothing."""
+        *values, head_pick, neuron_pick = values
+        out = []
+        for name, is_open, pick in (("heads", heads_open, head_pick), ("neuron", neuron_open, neuron_pick),
+                                    ("tokens", tokens_open, None)):
+            size = len(page.views[name]["outputs"])
+            out += view_values(name, values, pick) if is_open else [gr.skip()] * size
+        return out
+
+    for name, view in page.views.items():
+        outputs_ = view["outputs"]
+        extra = [view["pick"]] if view["pick"] is not None else []
+
+        def on_open(*values, name=name, has_pick=bool(extra)):
+            *values, pick = values if has_pick else (*values, None)
+            return [True, *view_values(name, values, pick)]
+
+        view["box"].expand(on_open, [*inputs, *extra], [open_state[name], *outputs_], api_name=f"{name}_view",
+                           concurrency_id="model")
+        view["box"].collapse(lambda: False, None, open_state[name], api_name=f"{name}_close",
+                             api_visibility="private", queue=False, show_progress="hidden")
+        if extra:
+            view["pick"].input(lambda *v, name=name: view_values(name, list(v[:-1]), v[-1]), [*inputs, *extra],
+                               outputs_, api_name=f"{name}_pick", api_visibility="private", concurrency_id="model")
+    for i, event in enumerate((run_event, slider_event)):
+        event.success(on_views, [*open_state.values(), *inputs, *picks], view_outputs,
+                      api_name="views" if i == 0 else "slider_views", api_visibility="private",
+                      concurrency_id="model")
+
     load_outputs = [page.tabs_box, page.task, page.image, *[page.task_inputs[k] for k in INPUT_WIDGETS], page.gold,
                     page.factor, page.budget, page.method, page.share_note]
     loaded = page.app.load(on_load, None, load_outputs, api_name="open", api_visibility="private", queue=False,

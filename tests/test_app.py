@@ -351,10 +351,14 @@ def test_on_zerogpu_every_model_call_runs_inside_spaces_gpu(toy_vlm, app_ranking
         client.predict(*_args(examples["vqa"][0], factor=0.0), api_name="/run")
         client.predict(*_args(examples["vqa"][0], factor=0.0), api_name="/sweep")
         client.predict(*_args(examples["retrieval"][0], factor=2.0), api_name="/run")
+        fresh = _args(examples["ocr"][0], factor=0.0)          # views of a request never run before
+        client.predict(*fresh, "", api_name="/heads_view")
+        client.predict(*_args(examples["caption"][1], factor=0.0), "2, 5", api_name="/neuron_view")
+        client.predict(*_args(examples["vqa"][1], factor=0.0), api_name="/tokens_view")
     finally:
         handle.remove()
         blocks.close()
-    assert sorted(wrapped) == ["compute", "compute_sweep"]
+    assert sorted(wrapped) == ["compute", "compute_sweep", "head_view", "neuron_view", "tokens_view"]
     assert calls.inside > 0 and calls.outside == 0, vars(calls)
 
 
@@ -380,3 +384,20 @@ def test_the_run_says_what_the_stored_evaluation_shows_and_share_gives_a_link(cl
     assert query == {"task": "caption", "example": Path(example["image"]).stem, "gold": example["answer"],
                      "method": "random", "budget": "2", "factor": "0.5"}
     assert "same example" in note
+
+
+def test_the_views_endpoints_heads_neuron_card_and_answer_tokens(client, demo_service):
+    """Each view has its own endpoint; bad input is answered inside the view, not with an error."""
+    example = _examples()["caption"][0]
+    args = _args(example, factor=0.0, budget=1.0)
+    layer, head = demo_service.artifact.task("caption").top_heads[0]
+    picture, caption = client.predict(*args, "", api_name="/heads_view")      # "" = the task's best head
+    assert Image.open(picture).size[0] > 200 and f"layer {layer} head {head}" in caption
+    _, caption = client.predict(*args, "L1·H2", api_name="/heads_view")
+    assert "layer 1 head 2" in caption
+    card, _ = client.predict(*args, "2, 5", api_name="/neuron_view")
+    assert card.startswith("### Neuron L2·n5") and "Masking" in card
+    card, _ = client.predict(*args, "L99·n1", api_name="/neuron_view")
+    assert card.startswith("_Not computed:") and "99" in card
+    table = client.predict(*args, api_name="/tokens_view")
+    assert "| # | base answer | log p base |" in table

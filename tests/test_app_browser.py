@@ -235,3 +235,23 @@ def test_the_stored_evaluation_opens_with_both_figures(browser, launched):
         page.locator(f"#stored-{key} img").first.wait_for(timeout=30_000)
     assert "specificity" in page.locator("#stored-cross-caption").inner_text().lower()
     page.close()
+
+
+def test_each_view_opens_and_renders(browser, launched):
+    """Where the heads look, the neuron card and every answer token: each opens on the request shown."""
+    page = _open(browser, launched)
+    page.locator("#view-heads .label-wrap, #view-heads button").first.click()
+    page.locator("#head-image img").first.wait_for(timeout=60_000)
+    assert "head" in page.locator("#head-caption").inner_text()
+    page.locator("#view-neuron .label-wrap, #view-neuron button").first.click()
+    page.wait_for_function("document.querySelector('#neuron-card').innerText.includes('Neuron L')", timeout=60_000)
+    page.locator("#view-tokens .label-wrap, #view-tokens button").first.click()
+    page.wait_for_function("document.querySelector('#answer-tokens').innerText.includes('log p base')",
+                           timeout=60_000)
+    if os.environ.get("HONES_SCREENSHOT"):
+        folder = Path(os.environ["HONES_SCREENSHOT"]).parent
+        page.locator("#view-heads").screenshot(path=str(folder / "view-heads.png"))
+        page.locator("#view-neuron").screenshot(path=str(folder / "view-neuron.png"))
+        page.locator("#view-tokens").screenshot(path=str(folder / "view-tokens.png"))
+    assert page.locator("text=Traceback").count() == 0
+    page.close()

@@ -7,7 +7,7 @@ import pytest
 
 from hones_core.assets import DEFAULT_EXAMPLES
 from hones_core.demo import read_examples
-from hones_core.demo.share import Gallery, make_link, parse_link
+from hones_core.demo.share import ShareIndex, make_link, parse_link
 from hones_core.errors import DemoInputError
 
 TASKS = ["vqa", "ocr", "caption", "retrieval"]
@@ -15,7 +15,7 @@ TASKS = ["vqa", "ocr", "caption", "retrieval"]
 
 @pytest.fixture(scope="module")
 def gallery():
-    return Gallery(read_examples(DEFAULT_EXAMPLES))
+    return ShareIndex(read_examples(DEFAULT_EXAMPLES))
 
 
 def _query(link):

@@ -9,6 +9,7 @@ request in flight (a typed factor followed by a click is one action, not two).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -28,9 +29,12 @@ from ..interventions import Plan
 from ..models import VLM, load_vlm
 from ..selection import Selection
 from ..tasks import TASKS
+from . import attention as attention_lib
 from . import compute as compute_lib
+from . import neuron as neuron_lib
 from . import render as render_lib
 from . import stored as stored_lib
+from . import tokens as tokens_lib
 from .compute import SWEEP_FACTORS, BaseResult, Caches, Computed
 from .render import Neurons, Output
 from .request import Request, make_request
@@ -307,3 +311,62 @@ class DemoService:
                 out["cross"] = render_lib.cached_figure(self.figure_cache, ("stored-cross",),
                                                         lambda: stored_lib.cross_figure(view))
         return out
+
+    # ----- views computed only when opened (each runs inside the app's GPU wrapper) ----------------
+    def computed(self, request: Request) -> Computed:
+        """The request's base and steered results (the base from the cache when there; the steered row re-run)."""
+        done = self.compute(request, self.cached_base(request))
+        self.base_cache.put(request.base_key, done.base)
+        return done
+
+    def head_choices(self, task: str, k: int = 8) -> list[tuple[str, str]]:
+        """(label, value) of the task's top heads, best first, for the head selector."""
+        return [(f"L{layer}·H{head} (#{i + 1})", f"{layer}, {head}")
+                for i, (layer, head) in enumerate(self.artifact.task(task).top_heads[:k])]
+
+    def head_view(self, request: Request, head: str | None = None) -> tuple[Image.Image, str]:
+        """Where one head looks (the task's best head unless `head`, "layer, head", is given): base | steered.
+
+        Raises:
+            DemoInputError: `head` is not a layer and a head number of this model.
+        """
+        if head in (None, ""):
+            heads = self.artifact.task(request.task).top_heads[:1]
+        else:
+            numbers = [int(n) for n in re.findall(r"\d+", str(head))]
+            if len(numbers) != 2:
+                raise DemoInputError(f'Give a head as its layer and index, e.g. "L2·H3" or "2, 3"; got {head!r}.')
+            heads = [tuple(numbers)]
+        base = self.cached_base(request) or self.computed(request).base
+        prompt = base.row if TASKS[request.task].scoring == "yes/no" else 0
+        found = attention_lib.head_attention(self.vlm, request, heads=heads, plans=[Plan(), self.plan(request)],
+                                             prompt_index=prompt)
+        return attention_lib.figure(found, request.image)
+
+    def neuron_view(self, request: Request, neuron: str) -> str:
+        """The card of a neuron ("L3·n120" or "3, 120") for this request, as markdown.
+
+        Raises:
+            DemoInputError: not a neuron of this model, or an empty base answer.
+        """
+        layer, index = neuron_lib.neurons_of(neuron)
+        base = self.cached_base(request) or self.computed(request).base
+        card = neuron_lib.neuron_card(self.vlm, request, self.artifact, base, self.plan(request), layer=layer,
+                                      neuron=index)
+        return neuron_lib.card_markdown(card, method_label=render_lib.method_label)
+
+    def tokens_view(self, request: Request) -> str:
+        """Both answers token by token with their log-probs under the base and the steered row, as markdown."""
+        done = self.computed(request)
+        return tokens_lib.tokens_markdown(tokens_lib.answer_tokens(self.vlm, request, done.base, done.steered,
+                                                                   self.plan(request)))
+
+    def neuron_choices(self, request: Request, k: int = 10) -> list[str]:
+        """The request's selected neurons with the largest contributions (base row), "L3·n120", largest first."""
+        base = self.cached_base(request)
+        selection = self.neurons(request).selection
+        if base is None or base.contributions is None:
+            return [f"L{int(layer)}·n{int(n)}" for layer, ns in sorted(selection.items()) for n in ns][:k]
+        scored = [(float(base.contributions[int(layer)][int(n)]), int(layer), int(n))
+                  for layer, ns in selection.items() for n in ns]
+        return [f"L{layer}·n{n}" for _, layer, n in sorted(scored, key=lambda t: (-abs(t[0]), t[1], t[2]))[:k]]

@@ -53,7 +53,7 @@ def example_id(entry: Mapping) -> str:
     return Path(entry["image"]).stem
 
 
-class Gallery:
+class ShareIndex:
     """The examples by id, and which example an image on the page is (by file content)."""
 
     def __init__(self, examples: Mapping[str, list[dict]]):
@@ -79,7 +79,7 @@ def _digest(path: str | Path) -> str:
     return bytes_digest(Path(path).read_bytes())
 
 
-def make_link(gallery: Gallery, *, task: str, image: str | None, texts: Mapping[str, str | None], method: str,
+def make_link(gallery: ShareIndex, *, task: str, image: str | None, texts: Mapping[str, str | None], method: str,
               budget, factor) -> Link:
     """The link reproducing these inputs (only the task's own typed inputs, and the gold answer, when non-empty)."""
     example = gallery.identify(image, task)
@@ -102,7 +102,7 @@ def make_link(gallery: Gallery, *, task: str, image: str | None, texts: Mapping[
     return Link("?" + urlencode(params), note)
 
 
-def parse_link(params: Mapping[str, str], gallery: Gallery, tasks: list[str]) -> Shared | None:
+def parse_link(params: Mapping[str, str], gallery: ShareIndex, tasks: list[str]) -> Shared | None:
     """The request a link's query parameters describe; None when the URL has none of ours.
 
     Raises:
@@ -128,4 +128,4 @@ def parse_link(params: Mapping[str, str], gallery: Gallery, tasks: list[str]) ->
                   method=ours.get("method"), budget=ours.get("budget"), factor=ours.get("factor"))
 
 
-__all__ = ["Shared", "Link", "Gallery", "example_id", "make_link", "parse_link", "PARAMS", "TEXT_PARAMS"]
+__all__ = ["Shared", "Link", "ShareIndex", "example_id", "make_link", "parse_link", "PARAMS", "TEXT_PARAMS"]
