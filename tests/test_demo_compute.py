@@ -195,3 +195,33 @@ def test_contributions_are_z_times_the_readout_of_the_answer_direction(toy_vlm, 
     assert len(service.readout_cache.items) == 1
     service.compute(_request(service, example, factor=0.0), computed.base)
     assert len(service.readout_cache.items) == 1      # same target: the readout is not recomputed
+
+
+def test_views_are_computed_only_when_opened(toy_vlm, app_rankings, examples):
+    from hones_core.demo import DemoInputError
+
+    service = DemoService(toy_vlm, rankings.load(app_rankings))
+    seen = []
+    service.add_view("probe", lambda request, base: seen.append((request.factor, base.answers[0])) or len(seen))
+    computes = []
+    original = service.compute
+
+    def spy(request, base=None):
+        computes.append(base is not None)
+        return original(request, base)
+
+    example = examples["vqa"][0]
+    out = service.run(_request(service, example, factor=0.0), compute=spy)
+    assert seen == [] and computes == [False]           # a closed view costs the request nothing
+    base_answer = out.results["base"]["answer"]
+    assert service.view("probe", _request(service, example, factor=0.0), compute=spy) == 1
+    assert service.view("probe", _request(service, example, factor=0.0), compute=spy) == 1   # cached per request
+    assert seen == [(0.0, base_answer)] and computes == [False]          # the cached base, no model run
+    assert service.view("probe", _request(service, example, factor=2.0), compute=spy) == 2
+    # a view opened before any run computes the base once, and the run after it reuses it
+    other = examples["vqa"][1]
+    service.view("probe", _request(service, other, factor=0.0), compute=spy)
+    assert computes == [False, False]
+    assert service.run(_request(service, other, factor=0.0), compute=spy).results["base_cached"]
+    with pytest.raises(DemoInputError, match="no view 'nope'.*probe"):
+        service.view("nope", _request(service, example))

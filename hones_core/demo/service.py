@@ -5,6 +5,10 @@ work (`compute`, plain data, ZeroGPU-safe) -> drawing (`render`). Caches: the ba
 (image, task inputs), so moving only the slider re-runs only the steered row; processor
 outputs and answer-direction readouts; whole outputs per request, with one computation per
 request in flight (a typed factor followed by a click is one action, not two).
+
+Views beyond the answers and the six figures (where heads look, a neuron card, per-token
+log-probs, ...) are registered with `add_view` and computed only by `view`, i.e. when the page
+opens them; `run` never calls them, so a closed view costs a request nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,10 @@ class LRU:
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
 
 
 def at(source: str, revision: str | None) -> str:
@@ -119,6 +127,8 @@ class DemoService:
         self.output_cache = LRU(16)                   # whole outputs per request (a repeated action computes once)
         self.figure_cache = LRU(64)
         self.readout_cache = LRU(64)                  # W_down^T u_y per layer, per target
+        self.views: dict[str, Callable[[Request, BaseResult], Any]] = {}
+        self.view_cache = LRU(cache_size)             # a view's result per (view, request)
         self._inflight: dict[tuple, threading.Event] = {}    # request key -> set when its computation ends
         self._inflight_lock = threading.Lock()
         self.sources = {"model": model_source(vlm),
@@ -289,3 +299,31 @@ class DemoService:
             raise DemoInputError("The base answer is empty, so there is no answer whose log-probability to sweep.")
         image, caption = render_lib.sweep_figure(request, values)
         return image, caption, list(SWEEP_FACTORS), values
+
+    # ----- views, computed only when opened -------------------------------------------------------
+    def add_view(self, name: str, compute_view: Callable[[Request, BaseResult], Any]) -> None:
+        """Register a view: `compute_view(request, base)` returns what the page shows when it is opened.
+
+        `run` never calls a view; `view` does, once per (view, request). Views that run the model
+        do it inside `compute_view` (on ZeroGPU the app wraps `service.view` in `spaces.GPU`).
+        """
+        self.views[name] = compute_view
+
+    def view(self, name: str, request: Request, *, compute=None) -> Any:
+        """View `name` of `request` (cached per request); the base result is the cached one, else computed.
+
+        Raises:
+            DemoInputError: no view of that name.
+        """
+        if name not in self.views:
+            raise DemoInputError(f"There is no view {name!r}; the app offers {', '.join(sorted(self.views)) or 'none'}.")
+        key = (name, request.key)
+        done = self.view_cache.get(key)
+        if done is None:
+            base = self.cached_base(request)
+            if base is None:
+                base = (compute or self.compute)(request).base
+                self.base_cache.put(request.base_key, base)
+            done = self.views[name](request, base)
+            self.view_cache.put(key, done)
+        return done
