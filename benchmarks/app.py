@@ -148,9 +148,11 @@ def bench_request(service: DemoService, image, question: str, *, repeats: int) -
 
 
 def bench_app(*, toy_model: str | None = None, toy_rankings: str | None = None, repeats: int = 5,
-              big_repeats: int = 3, big: bool = True) -> dict:
-    """Run the benchmark; returns the dict printed by the CLI."""
+              big_repeats: int = 3, big: bool = True, threads: int | None = None) -> dict:
+    """Run the benchmark; returns the dict printed by the CLI (`threads`: torch's thread count, default its own)."""
     torch.set_grad_enabled(False)
+    if threads is not None:
+        torch.set_num_threads(threads)
     out: dict = {"threads": torch.get_num_threads()}
     vlm = load_vlm(toy_model or DEFAULT_MODEL, device="cpu")
     if toy_rankings is None and Path(DEFAULT_RANKINGS).is_dir():
@@ -187,6 +189,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement on the toy VLM")
     p.add_argument("--big-repeats", type=int, default=3, help="timed runs per measurement on the 200M LLaVA")
     p.add_argument("--no-big", action="store_true", help="skip the random ~200M-parameter LLaVA")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     return p
 
 
@@ -194,7 +197,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Parse `argv`, run `bench_app`, print its result as one JSON line."""
     args = build_parser(prog).parse_args(argv)
     result = bench_app(toy_model=args.model, toy_rankings=args.rankings, repeats=args.repeats,
-                       big_repeats=args.big_repeats, big=not args.no_big)
+                       big_repeats=args.big_repeats, big=not args.no_big, threads=args.threads)
     print(json.dumps(result), flush=True)
     return 0
 

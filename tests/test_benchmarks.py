@@ -39,7 +39,8 @@ def test_the_cli_alias_forwards_every_argument(command, module, call, monkeypatc
         args = first[0][0]
         assert (args.model, args.limit, args.task, args.batch_size, args.processes) == ("m", 4, "vqa", 64, None)
     else:
-        assert first[1] == {"toy_model": None, "toy_rankings": None, "repeats": 1, "big_repeats": 3, "big": False}
+        assert first[1] == {"toy_model": None, "toy_rankings": None, "repeats": 1, "big_repeats": 3, "big": False,
+                            "threads": None}
 
 
 def test_the_alias_help_is_the_benchmarks_own(capsys):
