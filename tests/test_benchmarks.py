@@ -39,7 +39,8 @@ def test_the_cli_alias_forwards_every_argument(command, module, call, monkeypatc
         args = first[0][0]
         assert (args.model, args.limit, args.task, args.batch_size, args.processes) == ("m", 4, "vqa", 64, None)
     else:
-        assert first[1] == {"toy_model": None, "toy_rankings": None, "repeats": 1, "big_repeats": 3, "big": False}
+        assert first[1] == {"toy_model": None, "toy_rankings": None, "repeats": 1, "big_repeats": 3, "big": False,
+                            "threads": None}
 
 
 def test_the_alias_help_is_the_benchmarks_own(capsys):
@@ -85,3 +86,19 @@ def test_one_process_is_a_plain_python_run():
                                                                        "--out", "x"]
     two = benchmarks.rank.launch_command(2, ["rank"])
     assert two[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and two[-3:] == ["-m", "hones_core", "rank"]
+
+
+def test_bench_request_times_whole_requests_and_draws_input_free_figures_once(demo_service, examples):
+    example = examples["vqa"][0]
+    drawn = []
+    original = demo_service.figure_cache.put
+    demo_service.figure_cache.put = lambda key, value: drawn.append(key[0]) or original(key, value)
+    try:
+        result = benchmarks.app.bench_request(demo_service, example["image"], example["question"], repeats=2)
+    finally:
+        del demo_service.figure_cache.put
+    assert set(result) == {"request_with_plots_s", "request_s", "sweep_s", "request_and_sweep_s"}
+    assert all(value > 0 for value in result.values())
+    assert result["request_and_sweep_s"] >= result["request_s"]
+    # the first run drew head scores, layer spread and overlap; the two repeats drew none of them again
+    assert sorted(drawn) == ["heads", "layers", "overlap"]

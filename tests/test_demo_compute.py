@@ -195,3 +195,28 @@ def test_contributions_are_z_times_the_readout_of_the_answer_direction(toy_vlm, 
     assert len(service.readout_cache.items) == 1
     service.compute(_request(service, example, factor=0.0), computed.base)
     assert len(service.readout_cache.items) == 1      # same target: the readout is not recomputed
+
+
+def test_views_are_computed_only_when_opened(toy_vlm, app_rankings, examples):
+    """A request never computes a view; an opened view reuses the cached base result."""
+    service = DemoService(toy_vlm, rankings.load(app_rankings))
+    computes = []
+    original = service.compute
+
+    def spy(request, base=None):
+        computes.append(base is not None)
+        return original(request, base)
+
+    service.compute = spy
+    example = examples["vqa"][0]
+    service.run(_request(service, example, factor=0.0))
+    assert computes == [False]                          # base and steered rows, nothing else
+    picture, caption = service.head_view(_request(service, example, factor=0.0))
+    assert picture.size[0] > 100 and "head" in caption and computes == [False]    # attention only: no answer rerun
+    service.tokens_view(_request(service, example, factor=0.0))
+    assert computes == [False, True]                    # the steered row again, the base from the cache
+    # a view opened before any run computes the base once, and the run after it reuses it
+    other = examples["vqa"][1]
+    service.neuron_view(_request(service, other, factor=0.0), "L1·n3")
+    assert computes == [False, True, False]
+    assert service.run(_request(service, other, factor=0.0)).results["base_cached"]

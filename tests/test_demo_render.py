@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from hones_core.demo import diff_words, write_results
@@ -66,3 +68,20 @@ def test_format_pct(value, shown):
     from hones_core.demo import format_pct
 
     assert format_pct(value) == shown
+
+
+def test_figures_show_this_inputs_numbers_and_input_free_ones_are_drawn_once(demo_service, examples):
+    from hones_core.demo import charts
+
+    first = demo_service.run(_request(demo_service, examples["vqa"][0], factor=0.0, budget_pct=3.0))
+    other = demo_service.run(_request(demo_service, examples["vqa"][1], factor=2.0, budget_pct=3.0))
+    # head scores, layer spread and overlap depend on task / neuron set / budget only: the same image object
+    for key in ("heads", "layers", "overlap"):
+        assert other.plots[key][0] is first.plots[key][0]
+    # the per-layer sums figure is the chart of the numbers in this request's results JSON
+    for out in (first, other):
+        sums = out.results["layer_sums"]
+        expected = charts.layer_sums(sums["base"], sums["steered"]).image
+        assert np.array_equal(np.asarray(out.plots["layer_sums"][0]), np.asarray(expected))
+    assert not np.array_equal(np.asarray(first.plots["contributions"][0]),
+                              np.asarray(other.plots["contributions"][0]))

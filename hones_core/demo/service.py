@@ -5,6 +5,10 @@ work (`compute`, plain data, ZeroGPU-safe) -> drawing (`render`). Caches: the ba
 (image, task inputs), so moving only the slider re-runs only the steered row; processor
 outputs and answer-direction readouts; whole outputs per request, with one computation per
 request in flight (a typed factor followed by a click is one action, not two).
+
+Views beyond the answers and the six figures (where heads look, a neuron card, per-token
+log-probs, ...) are registered with `add_view` and computed only by `view`, i.e. when the page
+opens them; `run` never calls them, so a closed view costs a request nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class LRU:
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
 
 
 def at(source: str, revision: str | None) -> str:

@@ -28,7 +28,7 @@ from ..selection import Selection
 from ..tasks import TASKS, TaskItem
 from .learn import SteerConfig, learn_scales
 
-__all__ = ["METHODS", "LEARNED", "GRID", "FIXED_FACTOR", "RESULTS_FILE", "scales_plan", "uniform_plan",
+__all__ = ["METHODS", "LEARNED", "GRID", "FIXED_FACTOR", "RESULTS_FILE",
            "grid_search", "scales_file", "TaskRun", "run_task", "results_table"]
 
 METHODS = ("fixed", "grid", "learned", "learned-nokl", "random")
