@@ -312,12 +312,17 @@ class DemoService:
         """The stored budget curve of `task` and the HONES cross-ablation matrix, as (image, caption) or None."""
         view = stored_lib.stored(self.artifact.evaluation, task)
         out: dict[str, tuple[Image.Image, str] | None] = {"budget": None, "cross": None}
-        if view is not None:
-            out["budget"] = render_lib.cached_figure(self.figure_cache, ("stored-budget", task),
-                                                     lambda: stored_lib.budget_figure(view))
-            if view.cross is not None:
-                out["cross"] = render_lib.cached_figure(self.figure_cache, ("stored-cross",),
-                                                        lambda: stored_lib.cross_figure(view))
+        if view is None:
+            return out
+        for name, key, make in (("budget", ("stored-budget", task), stored_lib.budget_figure),
+                                ("cross", ("stored-cross",), stored_lib.cross_figure)):
+            drawn = self.figure_cache.get(key)
+            if drawn is None:
+                plot = make(view)
+                drawn = stored_lib.as_image(plot) if plot is not None else None
+                if drawn is not None:
+                    self.figure_cache.put(key, drawn)
+            out[name] = drawn
         return out
 
     # ----- views computed only when opened (each runs inside the app's GPU wrapper) ----------------

@@ -12,8 +12,11 @@ service draws each figure once and caches it.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from PIL import Image
 
 from .. import plots
 from ..masking import budget_key
@@ -110,4 +113,13 @@ def cross_figure(view: StoredEvaluation) -> plots.Plot | None:
                                        specificity=view.cross.get("specificity"))
 
 
-__all__ = ["StoredEvaluation", "stored", "evidence_line", "budget_figure", "cross_figure"]
+def as_image(plot: plots.Plot, dpi: int = 90) -> tuple[Image.Image, str]:
+    """(RGB image, caption) of a matplotlib figure (drawn once per task: see `DemoService.evidence_figures`)."""
+    buffer = io.BytesIO()
+    plot.figure.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB"), plot.caption
+
+
+__all__ = ["StoredEvaluation", "stored", "evidence_line", "budget_figure", "cross_figure", "as_image"]
