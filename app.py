@@ -528,6 +528,9 @@ def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
         none = "_This artifact stores no held-out evaluation for this task._"
         return [*[f[0] if f else None for f in figures.values()], *[f[1] if f else none for f in figures.values()]]
 
+    for name in service.tasks:       # drawn now, once: a tab change must answer at once (a slow one loses clicks)
+        service.evidence_figures(name)
+
     def on_task(name):
         """A new tab starts clean: its own gold answer, neuron sets, and no result of another task."""
         return [name, gr.Dropdown(choices=service.methods(name), value="hones"),
@@ -548,16 +551,17 @@ def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
     def on_load(req):
         """Open on a share link's request, else on the default tab's first example; then run it."""
         params = dict(req.query_params) if req is not None else {}
-        skip = [gr.skip()] * (len(load_outputs) - 1)
+        first = default_task(service, gallery)
+        skip = [gr.skip()] * (len(load_outputs) - 1 - len(page.stored_outputs))
         try:
             shared = parse_link(params, index, service.tasks)
         except DemoInputError as err:
-            return [*skip, f"_This link cannot be opened: {err}_"]
+            return [*skip, *stored_values(first), f"_This link cannot be opened: {err}_"]
         if shared is None:
-            task_ = default_task(service, gallery)
+            task_ = first
             rows = examples.get(task_) or []
             if not rows or not autorun:
-                return [*skip, ""]
+                return [*skip, *stored_values(first), ""]
             values = _example_values(task_, rows[0])
             factor_, budget_, method_ = 0.0, 1.0, "hones"
             note = ""
@@ -580,15 +584,10 @@ def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
                 *[values.get(kind, "") for kind in INPUT_WIDGETS],
                 gr.Textbox(value=values.get("gold", ""), label=GOLD_LABELS.get(task_, GOLD_LABELS["vqa"])),
                 factor_, budget_,
-                gr.Dropdown(choices=service.methods(task_), value=method_ if method_ in methods else "hones"), note]
+                gr.Dropdown(choices=service.methods(task_), value=method_ if method_ in methods else "hones"),
+                *stored_values(task_), note]
 
     on_load.__annotations__["req"] = gr.Request     # gradio passes the request by this hint (a class, not a string)
-
-    def on_load_run(note, *values):
-        """Run what the load filled in (when it has an image); otherwise leave the page as it is."""
-        if not values[1]:
-            return [gr.skip()] * len(outputs)
-        return on_run(*values)
 
     tab_outputs = [page.task, page.method, page.gold, *cleared_outputs, *page.stored_outputs,
                    page.views["heads"]["pick"], *page.views["heads"]["outputs"], *page.views["neuron"]["outputs"],
@@ -670,15 +669,12 @@ def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
                       concurrency_id="model")
 
     load_outputs = [page.tabs_box, page.task, page.image, *[page.task_inputs[k] for k in INPUT_WIDGETS], page.gold,
-                    page.factor, page.budget, page.method, page.share_note]
+                    page.factor, page.budget, page.method, *page.stored_outputs, page.share_note]
     loaded = page.app.load(on_load, None, load_outputs, api_name="open", api_visibility="private", queue=False,
                            show_progress="hidden")
-    opened = loaded.then(on_load_run, [page.share_note, *inputs], outputs, api_name="open_run",
-                         api_visibility="private", concurrency_id="model")
-    opened.success(on_slider_sweep, [page.last, *inputs], sweep_outputs, api_name="open_sweep",
-                   api_visibility="private", concurrency_id="model")
-    opened.then(lambda name: stored_values(name), page.task, page.stored_outputs, api_name="open_stored",
-                api_visibility="private", queue=False, show_progress="hidden")
+    # then Run, as if clicked (the same events as a click: answers, sweep, open views) when an image is there
+    loaded.then(None, [page.image], None, js="(image) => { if (image) document.querySelector('#run').click(); }",
+                api_name="open_run", api_visibility="private", queue=False)
 
 
 # --------------------------------------------------------------------------- start-up

@@ -85,9 +85,20 @@ def _wait_answers(page):
                                ".length > 0", timeout=60_000)
 
 
+def _tab(page, title: str, box: str | None = None):
+    """Switch tabs and wait until the server's tab change (which clears the last result) has landed."""
+    page.locator(f"button[role=tab]:has-text('{title}')").first.click()
+    if box:
+        page.locator(box).first.wait_for(timeout=20_000)
+    page.wait_for_function("document.querySelector('#summary').innerText.trim() === ''", timeout=20_000)
+
+
 def _upload(page, path):
+    """Upload `path` and wait until the page shows it (the page opens with an example's image already there)."""
+    before = page.evaluate("(document.querySelector('#image img') || {}).src || ''")
     page.locator("#image input[type=file]").set_input_files(path)
-    page.locator("#image img").first.wait_for(timeout=20_000)
+    page.wait_for_function("(b) => { const i = document.querySelector('#image img'); return i && i.src && i.src !== b; }",
+                           arg=before, timeout=20_000)
 
 
 def _summary(page) -> str:
@@ -99,11 +110,13 @@ def test_upload_run_and_see_answers_and_plots(browser, launched, tmp_path):
 
     example = read_examples(ASSETS / "examples")["vqa"][0]
     page = _open(browser, launched)
+    _tab(page, "VQA", "#question textarea")
     _upload(page, example["image"])
     page.locator("#question textarea").fill(example["question"])
     page.locator("#gold textarea").fill(example["answer"])
     page.locator("#run").click()
     _wait_answers(page)
+    page.wait_for_function("document.querySelector('#summary').innerText.includes('VQA accuracy')", timeout=60_000)
     for plot in ("heads", "layers", "contributions", "layer_sums", "overlap", "sweep"):
         page.locator(f"#plot-{plot} img").first.wait_for(timeout=60_000)
     summary = _summary(page)
@@ -127,8 +140,7 @@ def test_retrieval_table_columns_are_visible_and_headers_readable(browser, launc
 
     example = read_examples(ASSETS / "examples")["retrieval"][0]
     page = _open(browser, launched)
-    page.locator("#tab-retrieval-button, button[role=tab]:has-text('Retrieval')").first.click()
-    page.locator("#candidates textarea").wait_for(timeout=20_000)
+    _tab(page, "Retrieval", "#candidates textarea")
     _upload(page, example["image"])
     page.locator("#candidates textarea").fill("\n".join(example["candidates"]))
     page.locator("#run").click()
@@ -154,6 +166,7 @@ def test_tabs_keep_their_own_inputs_and_errors_leave_nothing_stale(browser, laun
 
     example = read_examples(ASSETS / "examples")["vqa"][0]
     page = _open(browser, launched)
+    _tab(page, "VQA", "#question textarea")
     _upload(page, example["image"])
     page.locator("#question textarea").fill(example["question"])
     page.locator("#gold textarea").fill(example["answer"])
@@ -195,8 +208,7 @@ def test_the_page_opens_on_an_example_that_changes_and_a_share_link_reproduces_a
     assert "held-out items" in page.locator("#evidence").inner_text()
     # a request of another tab, then Share: the link names the example and the settings
     ocr = examples["ocr"][0]
-    page.locator("button[role=tab]:has-text('OCR')").first.click()
-    page.locator("#bbox textarea, #bbox input").first.wait_for(timeout=20_000)
+    _tab(page, "OCR", "#bbox textarea, #bbox input")
     page.locator("text=OCR examples").first.wait_for(timeout=20_000)
     page.locator("#tab-ocr img").first.click()           # the first OCR example fills image, box and gold
     page.wait_for_function("document.querySelector('#gold textarea').value !== ''", timeout=20_000)
