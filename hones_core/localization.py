@@ -213,7 +213,7 @@ def ablated_answers(vlm: VLM, items: Sequence[TaskItem], layer: int, *, batch_si
     engine.base_value()
     answers = [[""] * engine.heads for _ in items]
     for chunk in engine.chunks:
-        engine.ensure_trace(chunk)
+        engine.ensure_trace(chunk, layer)
         engine.counts["rows"] += len(chunk.items) * engine.heads
         for (k, h), text in engine.verify(chunk, layer).items():
             answers[chunk.items[k]][h] = text
@@ -237,15 +237,17 @@ def tie_mask(gaps: torch.Tensor, best: torch.Tensor, near_tie: float) -> torch.T
     return gaps < near_tie * best.abs().clamp(min=1.0)
 
 
-def trace_bytes_per_item(*, layers: int, tokens: int, hidden: int, bytes_per_value: int) -> int:
-    """What keeping one item's base pass costs: the inputs of every layer (layers x tokens x hidden x dtype).
+def trace_bytes_per_item(*, layers: int, tokens: int, hidden: int, bytes_per_value: int, rows: int = 1) -> int:
+    """What keeping one item's base pass costs: the inputs of every layer (rows x layers x tokens x hidden x dtype).
 
     LLaVA-1.5-7B in bfloat16 (32 layers, hidden 4096, 576 image + ~40 prompt + 24 answer tokens):
-    32 x 640 x 4096 x 2 = 168 MB per item (the attention mask, [tokens, tokens], adds < 1 MB).
+    32 x 640 x 4096 x 2 = 168 MB per item (the attention mask, [tokens, tokens], adds < 1 MB). A
+    retrieval item is one row per candidate: 50 x 168 MB = 8.4 GB. Past `trace_memory`, a base
+    pass keeps one layer's inputs at a time (1 / layers of that: 5.2 MB per row, 262 MB per
+    retrieval item) and runs again for each layer, which costs one more base pass per item and
+    layer next to its `heads` ablated rows.
     """
-    return layers * tokens * hidden * bytes_per_value
-
-
+    return rows * LayerTrace.bytes_per_row(layers=layers, tokens=tokens, hidden=hidden, bytes_per_value=bytes_per_value)
 
 
 @dataclass
@@ -363,9 +365,14 @@ class _Engine:
         values = self.mean_logprobs(chunk, hidden, range(len(chunk.items)))
         return torch.tensor([float(values.double().sum()), len(chunk.items)], dtype=torch.float64)
 
-    def ensure_trace(self, chunk: _Chunk) -> torch.Tensor | None:
-        """Run the chunk's base pass unless it is kept; returns its final hidden states when it ran."""
-        if chunk.trace is not None:
+    def ensure_trace(self, chunk: _Chunk, layer: int | None = None) -> torch.Tensor | None:
+        """Run the chunk's base pass unless what `layer` needs is kept; returns its final hidden states when it ran.
+
+        The first pass (`layer` None) keeps every layer's inputs when they fit in what is left of
+        `trace_memory`, and none otherwise; a pass for `layer` then keeps that layer's only
+        (`[rows, seq, hidden]`), so memory stays bounded whatever the number of items.
+        """
+        if chunk.trace is not None and (layer is None or chunk.trace.hidden[layer] is not None):
             return None
         vlm, items = self.vlm, [self.items[i] for i in chunk.items]
         images = [self.image(i) for i in chunk.items]
@@ -378,9 +385,20 @@ class _Engine:
         else:
             encoded = vlm.encode(images, [it.prompt for it in items], [it.answer for it in items])
             inputs, chunk.labels = encoded.inputs, encoded.labels
+        if layer is None:
+            rows, tokens = inputs["input_ids"].shape
+            estimate = rows * LayerTrace.bytes_per_row(
+                layers=vlm.arch.num_layers, tokens=tokens, hidden=int(vlm.model.config.get_text_config().hidden_size),
+                bytes_per_value=next(vlm.model.parameters()).element_size())
+            keep = None if self.kept_bytes + estimate <= self.trace_memory else ()
+        else:
+            keep = (layer,)
         # candidates of one item carry one image: the vision tower runs once for them
         with share_images(vlm.arch):
-            chunk.trace, hidden = vlm.trace(inputs)
+            chunk.trace, hidden = vlm.trace(inputs, keep=keep)
+        if keep is None:
+            self.kept_bytes += chunk.trace.nbytes()
+            chunk.kept = True
         self.counts["traces"] += 1
         return hidden
 
@@ -389,14 +407,8 @@ class _Engine:
         return [] if k in chunk.untraced else chunk.base_tokens[k]
 
     def release(self, chunk: _Chunk) -> None:
-        """Keep the chunk's trace for the next layers while the budget allows, else drop it."""
-        if chunk.kept:
-            return
-        size = chunk.trace.nbytes()
-        if self.kept_bytes + size <= self.trace_memory:
-            self.kept_bytes += size
-            chunk.kept = True
-        else:
+        """Drop the chunk's trace unless it is kept across layers (within `trace_memory`)."""
+        if not chunk.kept:
             chunk.trace = None
 
     # ----- one layer -------------------------------------------------------------------------------
@@ -404,7 +416,7 @@ class _Engine:
         """P_t(θ_{I_h}) for every head h of `layer` (summed over processes)."""
         stats = torch.zeros(self.heads, self.stats_size(), dtype=torch.float64)
         for chunk in self.chunks:
-            self.ensure_trace(chunk)
+            self.ensure_trace(chunk, layer)
             stats += self.layer_chunk(chunk, layer)
             self.release(chunk)
         stats = self.shard.sum(stats)

@@ -500,14 +500,14 @@ class VLM:
         return out
 
     @torch.inference_mode()
-    def trace(self, inputs: dict) -> tuple[LayerTrace, torch.Tensor]:
-        """One base pass (no plan, no KV cache) keeping every decoder layer's inputs.
+    def trace(self, inputs: dict, *, keep: Sequence[int] | None = None) -> tuple[LayerTrace, torch.Tensor]:
+        """One base pass (no plan, no KV cache) keeping the decoder layers' inputs (`keep`: only those layers').
 
         Returns:
             The `sharing.LayerTrace` (start later passes at any layer with `logits_from_layer`) and
             the final hidden states `[batch, seq, hidden]` of the pass.
         """
-        with trace_layers(self.arch) as trace:
+        with trace_layers(self.arch, keep) as trace:
             hidden = self.last_hidden(inputs, use_cache=False)
         return trace, hidden
 

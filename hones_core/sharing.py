@@ -25,7 +25,7 @@ while any block is open, acting only for the threads/tasks inside a block.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -383,14 +383,22 @@ class LayerTrace:
         norm: the text decoder's final norm (applied after the last layer).
     """
 
-    def __init__(self, layers: int):
+    def __init__(self, layers: int, keep: Collection[int] | None = None):
         self.hidden: list[torch.Tensor | None] = [None] * layers
         self.kwargs: list[dict | None] = [None] * layers
         self.norm: torch.nn.Module | None = None
+        self.keep = None if keep is None else frozenset(keep)    # layers whose inputs are kept (None: all)
+        self.seen: set[int] = set()
+        self.batch = 0
 
     @property
     def rows(self) -> int:
-        return int(self.hidden[0].shape[0])
+        return self.batch
+
+    @staticmethod
+    def bytes_per_row(*, layers: int, tokens: int, hidden: int, bytes_per_value: int) -> int:
+        """Hidden states kept per traced row with every layer kept: layers x tokens x hidden x dtype size."""
+        return layers * tokens * hidden * bytes_per_value
 
     def nbytes(self) -> int:
         """Bytes held: the hidden states (`layers x rows x seq x hidden x dtype size`) and the distinct kwargs tensors."""
@@ -433,7 +441,7 @@ class _Tracing(RefCountedHooks):
             if len(args) > 1 or not torch.is_tensor(hidden) or hidden.dim() != 3:
                 raise UnsupportedModelError(f"{where} was not called with hidden states [batch, seq, hidden] as its "
                                             "only positional argument; its inputs cannot be kept to start there")
-            if trace.hidden[index] is not None:
+            if index in trace.seen:
                 raise UnsupportedModelError(f"{where} ran twice in one traced pass (a cached decoding step?); "
                                             "trace a single forward pass without a KV cache")
             extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -441,7 +449,10 @@ class _Tracing(RefCountedHooks):
             if cache is not None:
                 raise UnsupportedModelError(f"{where} got a KV cache in a traced pass; trace with use_cache=False")
             _row_kwargs(extra, hidden.shape[0], where)        # refuses any keyword whose batch layout is unknown
-            trace.hidden[index] = hidden.detach()
+            trace.seen.add(index)
+            trace.batch = int(hidden.shape[0])
+            if trace.keep is None or index in trace.keep:
+                trace.hidden[index] = hidden.detach()
             trace.kwargs[index] = extra
             return None
         return hook
@@ -460,21 +471,25 @@ def _final_norm(arch: Architecture) -> torch.nn.Module:
 
 
 @contextmanager
-def trace_layers(arch: Architecture) -> Iterator[LayerTrace]:
+def trace_layers(arch: Architecture, keep: Collection[int] | None = None) -> Iterator[LayerTrace]:
     """Inside the block, the next forward pass records every decoder layer's inputs in the yielded trace.
 
     Run exactly one forward pass without a KV cache (`use_cache=False`) inside the block; the
     trace is complete when every layer has run once. Thread-safe like `share_prefix`.
 
+    Args:
+        keep: the layers whose input hidden states are kept (default all; each costs
+            `[rows, seq, hidden]`); keyword arguments (masks, rotary) are kept for every layer.
+
     Raises:
         UnsupportedModelError: a layer is called in a way whose rows cannot be told apart, or twice.
     """
     layers = _decoder_layers(arch)
-    trace = LayerTrace(len(layers))
+    trace = LayerTrace(len(layers), keep)
     trace.norm = _final_norm(arch)
     with _TRACES.open(layers[0], lambda: _Tracing(arch, layers), trace):
         yield trace
-    missing = [i for i, h in enumerate(trace.hidden) if h is None]
+    missing = [i for i in range(len(layers)) if i not in trace.seen]
     if missing:
         raise UnsupportedModelError(f"decoder layers {missing} did not run inside trace_layers; run one full "
                                     "forward pass of the model inside the block")
@@ -497,6 +512,9 @@ def run_from_layer(arch: Architecture, trace: LayerTrace, layer: int, rows: torc
     layers = _decoder_layers(arch)
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range: this model has {len(layers)} decoder layers")
+    if trace.hidden[layer] is None:
+        raise ValueError(f"the trace did not keep the inputs of layer {layer} (kept: {sorted(trace.keep or [])}); "
+                         "trace with keep including it")
     index = rows.to(trace.hidden[layer].device)
     hidden = trace.hidden[layer].index_select(0, index)
     for k in range(layer, len(layers)):

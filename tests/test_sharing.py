@@ -453,3 +453,20 @@ def test_extended_inputs_append_tokens_on_the_right_of_each_row(tiny_vlm, images
     assert mask[:, -1].tolist() == [1, 1] and torch.equal(extended["pixel_values"], inputs["pixel_values"])
     again = vlm.extend_inputs(inputs, [[], [9]], rows=[1, 1])           # row 1 twice: its pixels too
     assert torch.equal(again["pixel_values"][0], inputs["pixel_values"][1])
+
+
+def test_a_trace_can_keep_one_layer_only(tiny_vlm, images, prompts):
+    from hones_core.sharing import run_from_layer, trace_layers
+
+    vlm = tiny_vlm("qwen2-vl")
+    inputs = vlm.encode(images, prompts).inputs
+    with torch.inference_mode():
+        with trace_layers(vlm.arch) as full:
+            vlm.last_hidden(inputs, use_cache=False)
+        with trace_layers(vlm.arch, keep=(1,)) as one:
+            vlm.last_hidden(inputs, use_cache=False)
+        assert one.hidden[0] is None and one.nbytes() < full.nbytes()
+        rows = torch.tensor([1, 0])
+        assert torch.equal(run_from_layer(vlm.arch, one, 1, rows), run_from_layer(vlm.arch, full, 1, rows))
+        with pytest.raises(ValueError, match="did not keep the inputs of layer 0"):
+            run_from_layer(vlm.arch, one, 0, rows)
