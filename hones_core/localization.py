@@ -356,7 +356,10 @@ class _Engine:
             width = max(1, max(len(self.traced_tokens(chunk, k)) for k in range(len(chunk.items))))
             predicted = self.vlm.unembed(hidden[:, -width:, :]).argmax(-1)
             for k, tokens in enumerate(chunk.base_tokens):
-                if k not in chunk.untraced and not all(self.same(int(p), t) for p, t in zip(predicted[k, width - len(tokens):], tokens)):
+                if k in chunk.untraced:
+                    continue
+                guess = predicted[k, width - len(tokens):].tolist()
+                if not all(self.same(p, t) for p, t in zip(guess, tokens)):
                     self.counts["disagreed"] += 1
             return stats
         if self.kind == "yes/no":
@@ -555,7 +558,8 @@ class _Engine:
                                      [self.items[chunk.items[k]].prompt for k, _, _ in part]).inputs
                 inputs = vlm.extend_inputs(encoded, [p for _, _, p in part])
             budget = MAX_NEW_TOKENS - min(len(p) for _, _, p in part)
-            rows = vlm.greedy(inputs, max_new_tokens=budget, plans=[Plan.ablate_heads([(layer, h)]) for _, h, _ in part])
+            plans = [Plan.ablate_heads([(layer, h)]) for _, h, _ in part]
+            rows = vlm.greedy(inputs, max_new_tokens=budget, plans=plans)
             for (k, h, prefix), row in zip(part, rows):
                 n = MAX_NEW_TOKENS - len(prefix)
                 if tie_mask(torch.tensor(row.gaps[:n]), torch.tensor(row.best[:n]), self.near_tie).any():

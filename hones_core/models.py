@@ -470,7 +470,8 @@ class VLM:
                                         "in order")
         token_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
         for key, value in inputs.items():
-            if key not in token_keys and torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, seq):
+            aligned = torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, seq)
+            if key not in token_keys and aligned:
                 raise UnsupportedModelError(f"{self.name}: the processor output {key!r} is aligned with the tokens; "
                                             "cannot tell its value for appended tokens")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -17,6 +17,12 @@ every row, so decoding steps run on the whole batch unchanged. The app's base an
 rows share the layers before the first steered layer, head localization's (item, head of
 layer l) rows share layers < l.
 
+Rows under plans that act first at layer l share everything before l with the base pass:
+`trace_layers(arch)` records every decoder layer's inputs (hidden states and the keyword
+arguments the model gave it) in one base pass, and `run_from_layer` runs any rows from layer
+l on from them, so head localization runs the vision tower and layers < l once per item for
+all of its L x H head plans.
+
 `share_rows` opens both blocks; `models.VLM` runs every batch of several rows inside it
 (`VLM.sharing`). Both kinds of hooks follow `hooks.HookRegistry`: installed once per model
 while any block is open, acting only for the threads/tasks inside a block.
@@ -401,7 +407,7 @@ class LayerTrace:
         return layers * tokens * hidden * bytes_per_value
 
     def nbytes(self) -> int:
-        """Bytes held: the hidden states (`layers x rows x seq x hidden x dtype size`) and the distinct kwargs tensors."""
+        """Bytes held: the hidden states kept (`rows x seq x hidden x dtype size` per layer) and the kwargs tensors."""
         seen: dict[int, int] = {}
         for value in [*self.hidden, *(leaf for kw in self.kwargs for leaf in _leaves(kw))]:
             if torch.is_tensor(value):
