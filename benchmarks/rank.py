@@ -56,19 +56,97 @@ def _timed(fn):
 
 
 def bench_rank(vlm: VLM, items: Sequence[TaskItem], *, batch_size: int = 64) -> dict:
-    """Head localization: the one-head-one-item loop vs batched per-row plans, both utilities."""
+    """Head localization: the one-head-one-item loop vs `score_heads` (verify, then decode; start at the layer).
+
+    For both utilities: seconds of each, their ratio, the largest difference of the head-score
+    matrices, and what `score_heads` did with its rows (verified without decoding, decoded on,
+    near-tie fallbacks); then the Spearman correlation of the two utilities' scores and a projection
+    of the work for the paper's two models (`projection`).
+    """
     out: dict = {"task": items[0].task, "items": len(items), "heads": vlm.arch.num_layers * vlm.arch.num_heads,
-                 "batch_size": batch_size}
-    scores = {}
+                 "batch_size": batch_size, "threads": torch.get_num_threads()}
+    scores, answer_tokens, departed = {}, None, None
     for utility in ("metric", "logprob"):
         reference, t_ref = _timed(lambda: score_heads_reference(vlm, items, utility=utility, progress=False))
-        batched, t_new = _timed(lambda: score_heads(vlm, items, utility=utility, batch_size=batch_size,
-                                                    progress=False))
-        scores[utility] = batched.scores
-        out[utility] = {"reference_s": round(t_ref, 2), "batched_s": round(t_new, 2),
+        ours, t_new = _timed(lambda: score_heads(vlm, items, utility=utility, batch_size=batch_size,
+                                                 progress=False))
+        scores[utility] = ours.scores
+        counts = ours.counts
+        out[utility] = {"reference_s": round(t_ref, 2), "batched_s": round(t_new, 3),
                         "ratio": round(t_ref / t_new, 2),
-                        "max_abs_diff": float((reference.scores - batched.scores).abs().max())}
+                        "max_abs_diff": float((reference.scores - ours.scores).abs().max()),
+                        "rows": counts.get("rows", 0), "rows_verified": counts.get("verified", 0),
+                        "rows_departed": counts.get("departed", 0), "rows_decoded": counts.get("decoded", 0),
+                        "near_tie_fallbacks": counts.get("near_tie", 0), "disagreed": counts.get("disagreed", 0),
+                        "base_passes": counts.get("traces", 0)}
+        if utility == "metric" and counts.get("rows"):
+            departed = counts.get("departed", 0) / counts["rows"]
+            answer_tokens = counts.get("answer_tokens")
     out["spearman_metric_vs_logprob"] = round(spearman(scores["metric"], scores["logprob"]), 4)
+    # the toy's 16 heads all matter, so many of its rows depart; a 7B model's 1 024 heads mostly do not
+    out["projection"] = projection(items[0].task, answer_tokens=answer_tokens, departed=departed)
+    out["projection_departed_5pct"] = projection(items[0].task, answer_tokens=answer_tokens, departed=0.05)
+    return out
+
+
+# Published configs (their config.json): text layers, query heads, hidden size, image tokens per image.
+# LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px -> 24 x 24 = 576 image tokens. Qwen2.5-VL-7B: the image token
+# count depends on the resolution (14 px patches merged 2 x 2); assumed here: 448 x 448 px ->
+# (448 / 14)^2 / 4 = 256 image tokens.
+PAPER_MODELS = {
+    "llava-1.5-7b": {"layers": 32, "heads": 32, "hidden": 4096, "image_tokens": 576},
+    "qwen2.5-vl-7b": {"layers": 28, "heads": 28, "hidden": 3584, "image_tokens": 256,
+                      "assumption": "448x448 px images: (448/14)^2/4 = 256 image tokens"},
+}
+# text tokens of the prompt (chat template + instruction) and answer lengths assumed per task when the run
+# measured none: VQA short phrases, captions one sentence, OCR a word or two; retrieval scores one position
+PROMPT_TOKENS = {"vqa": 40, "ocr": 30, "caption": 25, "retrieval": 45}
+ANSWER_TOKENS = {"vqa": 3, "ocr": 4, "caption": 16, "retrieval": 0}
+
+
+def projection(task: str, *, answer_tokens: float | None = None, departed: float | None = None,
+               candidates: int = 50, items: int = 1000) -> dict:
+    """Forward passes and token-layers (tokens x decoder layers run) of head localization, reference vs ours.
+
+    Per model of `PAPER_MODELS` and `items` discovery items, with T prompt tokens (image + text), A
+    answer tokens (+1 stop) and a fraction `departed` of (item, head) rows whose answer changes:
+    - reference: (1 + L*H) greedy generations per item, each a prefill of T tokens and A + 1 steps;
+      retrieval: (1 + L*H) prompt passes per candidate;
+    - ours: one greedy base generation and one teacher-forced base pass per item; each (item, head of
+      layer l) row runs layers l..L-1 over T + A tokens once; departed rows are re-decoded from the
+      prompt (prefill of T + A tokens, A + 1 steps; an upper bound: they resume at their departure).
+    Token-layers is the compute measure (projections and MLP scale with it; attention's quadratic
+    part is left out). Passes count batched calls as one pass per row.
+
+    Returns:
+        `{model: {"reference": {...}, "ours": {...}, "ratio_token_layers", "ratio_passes", "assumed"}}`.
+    """
+    a = ANSWER_TOKENS[task] if answer_tokens is None else answer_tokens
+    d = 0.05 if departed is None else departed
+    out = {}
+    for name, m in PAPER_MODELS.items():
+        L, H = m["layers"], m["heads"]
+        t = m["image_tokens"] + PROMPT_TOKENS[task]
+        rows = L * H * items
+        partial = H * items * L * (L + 1) / 2              # sum over layers l of H * items * (L - l) layers
+        if task == "retrieval":
+            seqs = items * candidates
+            reference = {"passes": (1 + L * H) * seqs, "token_layers": (1 + L * H) * seqs * L * t}
+            ours = {"passes": seqs + L * H * seqs, "token_layers": seqs * L * t + partial * candidates * t}
+        else:
+            steps = a + 1
+            generation = {"passes": 1 + steps, "token_layers": L * (t + steps)}
+            reference = {k: (1 + L * H) * items * v for k, v in generation.items()}
+            ours = {"passes": items * (generation["passes"] + 1) + rows + d * rows * generation["passes"],
+                    "token_layers": items * (generation["token_layers"] + L * (t + a)) + partial * (t + a)
+                    + d * rows * generation["token_layers"]}
+        out[name] = {"reference": {k: int(v) for k, v in reference.items()},
+                     "ours": {k: int(v) for k, v in ours.items()},
+                     "ratio_token_layers": round(reference["token_layers"] / ours["token_layers"], 1),
+                     "ratio_passes": round(reference["passes"] / ours["passes"], 1),
+                     "assumed": {"items": items, "prompt_tokens": t, "answer_tokens": round(a, 2),
+                                 "departed": round(d, 3), **({"candidates": candidates} if task == "retrieval" else {}),
+                                 **({"note": m["assumption"]} if "assumption" in m else {})}}
     return out
 
 

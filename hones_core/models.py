@@ -33,7 +33,7 @@ from PIL import Image
 from .arch import Architecture
 from .errors import ModelLoadError, TemplateError, UnsupportedModelError
 from .interventions import Plan, intervene
-from .sharing import share_rows
+from .sharing import LayerTrace, run_from_layer, share_rows, trace_layers
 
 ImageLike = Image.Image | str | Path
 Plans = Plan | Sequence[Plan | None] | None
@@ -396,6 +396,149 @@ class VLM:
         """Retrieval scores: first-token logits `[batch, vocab]` -> logit(Yes) - logit(No), `[batch]`."""
         yes, no = self.yes_no_ids()
         return logits[:, yes] - logits[:, no]
+
+    # ----- generation as token ids, and passes that start at a decoder layer --------------------------
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The token ids greedy generation stops at (end of turn and EOS)."""
+        return frozenset({self.stop_token_id, self.tokenizer.eos_token_id} - {None})
+
+    def decode_answer(self, tokens: Sequence[int]) -> str:
+        """The text `generate` returns for these generated token ids (special tokens removed, stripped)."""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+    @torch.inference_mode()
+    def greedy(self, inputs: dict, *, max_new_tokens: int = 24, plans: Plans = None) -> list[Greedy]:
+        """Greedy generation from processor outputs, as token ids with the top-2 logit gap of every step.
+
+        The same computation as `generate_from` (one `model.generate` call, rows shared), returning
+        each row's new tokens up to and including its stop token, and per step the gap between the
+        two best logits (how far the step was from a tie).
+
+        Raises:
+            UnsupportedModelError: the model's generation config changes the logits before the
+                argmax (repetition penalty, suppressed tokens, ...): greedy is then not the argmax of the
+                logits, and nothing that checks answers against logits can be exact.
+        """
+        with self._context(self.arch, plans), self.sharing(inputs["input_ids"].shape[0]):
+            out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens), return_dict_in_generate=True,
+                                      output_logits=True, output_scores=True)
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, 1).float()           # [rows, steps, vocab]
+        scores = torch.stack(out.scores, 1).float()
+        if not torch.equal(torch.nan_to_num(logits), torch.nan_to_num(scores)):
+            raise UnsupportedModelError(f"{self.name}: its generation config changes the logits before the greedy "
+                                        "argmax (a logits processor is active); answers cannot be verified against "
+                                        "the logits — run with the reference loop")
+        top = logits.topk(2, dim=-1).values
+        gaps = top[..., 0] - top[..., 1]
+        stops = self.stop_ids
+        rows = []
+        for r in range(new.shape[0]):
+            tokens = []
+            for t in new[r].tolist():
+                tokens.append(t)
+                if t in stops:
+                    break
+            rows.append(Greedy(tokens, gaps[r, :len(tokens)].tolist(), top[r, :len(tokens), 0].tolist()))
+        return rows
+
+    def extend_inputs(self, inputs: dict, extra: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> dict:
+        """Processor outputs with token ids appended to each row's text, left-padded again.
+
+        Args:
+            inputs: processor outputs (`input_ids` `[batch, seq]`, left-padded, ...).
+            extra: per output row, the token ids to append (e.g. the answer generated so far).
+            rows: per output row, the input row it extends (default: row i for output row i).
+                Only for families with batch-first inputs (`Architecture.batch_first_inputs`).
+
+        Returns:
+            The same keys: `input_ids`, `attention_mask` (and `mm_token_type_ids`/`token_type_ids`,
+            0 for text) extended; pixels and other per-image tensors as they were (taken per row).
+
+        Raises:
+            UnsupportedModelError: another tensor is aligned with the tokens (its meaning for the new
+                tokens is unknown), or `rows` repeats rows of a family whose inputs are not batch-first.
+        """
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        batch, seq = ids.shape
+        rows = list(range(batch)) if rows is None else list(rows)
+        if len(rows) != len(extra):
+            raise ValueError(f"{len(extra)} token lists for {len(rows)} rows")
+        if rows != list(range(batch)) and not self.arch.batch_first_inputs:
+            raise UnsupportedModelError(f"{self.name}: processor outputs are not batch-first; extend every row once, "
+                                        "in order")
+        token_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+        for key, value in inputs.items():
+            aligned = torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, seq)
+            if key not in token_keys and aligned:
+                raise UnsupportedModelError(f"{self.name}: the processor output {key!r} is aligned with the tokens; "
+                                            "cannot tell its value for appended tokens")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        lengths = [int(mask[r].sum()) + len(e) for r, e in zip(rows, extra)]
+        width = max(lengths)
+        out = {}
+        for key in token_keys:
+            if key not in inputs:
+                continue
+            value = inputs[key]
+            fill = {"input_ids": pad}.get(key, 0)
+            new = torch.full((len(rows), width), fill, dtype=value.dtype, device=value.device)
+            for i, (r, e) in enumerate(zip(rows, extra)):
+                real = value[r][mask[r].bool()]
+                appended = torch.tensor(list(e), dtype=value.dtype, device=value.device) if key == "input_ids" else \
+                    torch.full((len(e),), 1 if key == "attention_mask" else 0, dtype=value.dtype, device=value.device)
+                row = torch.cat([real, appended])
+                new[i, width - row.shape[0]:] = row
+            out[key] = new
+        index = torch.tensor(rows, device=ids.device)
+        for key, value in inputs.items():
+            if key in out:
+                continue
+            if self.arch.batch_first_inputs and torch.is_tensor(value) and value.dim() and value.shape[0] == batch:
+                value = value.index_select(0, index.to(value.device))
+            out[key] = value
+        return out
+
+    @torch.inference_mode()
+    def trace(self, inputs: dict, *, keep: Sequence[int] | None = None) -> tuple[LayerTrace, torch.Tensor]:
+        """One base pass (no plan, no KV cache) keeping the decoder layers' inputs (`keep`: only those layers').
+
+        Returns:
+            The `sharing.LayerTrace` (start later passes at any layer with `logits_from_layer`) and
+            the final hidden states `[batch, seq, hidden]` of the pass.
+        """
+        with trace_layers(self.arch, keep) as trace:
+            hidden = self.last_hidden(inputs, use_cache=False)
+        return trace, hidden
+
+    @torch.inference_mode()
+    def logits_from_layer(self, trace: LayerTrace, layer: int, rows: Sequence[int], *, plans: Plans = None,
+                          last: int = 1) -> torch.Tensor:
+        """Logits at the last `last` positions, `[R, last, vocab]` float32, of a pass that starts at `layer`.
+
+        Row r continues trace row `rows[r]` under `plans[r]` (or one plan for all); the plans must not
+        act before `layer` (layers < layer are the traced base pass). Equal to a full pass of the same
+        rows up to float rounding (other batch shapes).
+        """
+        index = torch.tensor(list(rows), dtype=torch.long)
+        with self._context(self.arch, plans):
+            hidden = run_from_layer(self.arch, trace, layer, index)
+        return self.unembed(hidden[:, -last:, :])
+
+
+@dataclass
+class Greedy:
+    """One row of greedy generation (`VLM.greedy`).
+
+    Attributes:
+        tokens: the new token ids, up to and including the stop token (at most max_new_tokens).
+        gaps: per step, the difference between the two best logits (how far the step was from a tie).
+        best: per step, the best logit (for a relative tie threshold).
+    """
+    tokens: list[int]
+    gaps: list[float]
+    best: list[float]
 
 
 def _image_key(image: ImageLike) -> tuple:

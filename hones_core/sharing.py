@@ -17,6 +17,12 @@ every row, so decoding steps run on the whole batch unchanged. The app's base an
 rows share the layers before the first steered layer, head localization's (item, head of
 layer l) rows share layers < l.
 
+Rows under plans that act first at layer l share everything before l with the base pass:
+`trace_layers(arch)` records every decoder layer's inputs (hidden states and the keyword
+arguments the model gave it) in one base pass, and `run_from_layer` runs any rows from layer
+l on from them, so head localization runs the vision tower and layers < l once per item for
+all of its L x H head plans.
+
 `share_rows` opens both blocks; `models.VLM` runs every batch of several rows inside it
 (`VLM.sharing`). Both kinds of hooks follow `hooks.HookRegistry`: installed once per model
 while any block is open, acting only for the threads/tasks inside a block.
@@ -25,7 +31,7 @@ while any block is open, acting only for the threads/tasks inside a block.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -365,3 +371,161 @@ def share_rows(arch: Architecture) -> Iterator[None]:
     """`share_images` and `share_prefix` together: what every batched inference call runs inside."""
     with share_images(arch), share_prefix(arch):
         yield
+
+
+# ----- starting a pass at a decoder layer: the base pass's layer inputs, kept --------------------------
+
+class LayerTrace:
+    """What every text decoder layer received in one pass over a batch (the base pass).
+
+    A plan that acts first at layer l leaves the inputs of layers <= l as they were, so a row
+    under such a plan can start at layer l from these inputs (`run_from_layer`) instead of
+    running the vision tower and layers < l again.
+
+    Attributes:
+        hidden: per layer, its input hidden states `[rows, seq, hidden]`.
+        kwargs: per layer, the keyword arguments the model gave it (masks, positions, rotary
+            cos/sin, ...), as given: batch-first tensors hold one row per trace row, or one for all.
+        norm: the text decoder's final norm (applied after the last layer).
+    """
+
+    def __init__(self, layers: int, keep: Collection[int] | None = None):
+        self.hidden: list[torch.Tensor | None] = [None] * layers
+        self.kwargs: list[dict | None] = [None] * layers
+        self.norm: torch.nn.Module | None = None
+        self.keep = None if keep is None else frozenset(keep)    # layers whose inputs are kept (None: all)
+        self.seen: set[int] = set()
+        self.batch = 0
+
+    @property
+    def rows(self) -> int:
+        return self.batch
+
+    @staticmethod
+    def bytes_per_row(*, layers: int, tokens: int, hidden: int, bytes_per_value: int) -> int:
+        """Hidden states kept per traced row with every layer kept: layers x tokens x hidden x dtype size."""
+        return layers * tokens * hidden * bytes_per_value
+
+    def nbytes(self) -> int:
+        """Bytes held: the hidden states kept (`rows x seq x hidden x dtype size` per layer) and the kwargs tensors."""
+        seen: dict[int, int] = {}
+        for value in [*self.hidden, *(leaf for kw in self.kwargs for leaf in _leaves(kw))]:
+            if torch.is_tensor(value):
+                seen[id(value)] = value.numel() * value.element_size()
+        return sum(seen.values())
+
+
+def _leaves(kwargs: dict | None) -> list:
+    out = []
+    for value in (kwargs or {}).values():
+        out.extend(value if isinstance(value, (tuple, list)) else [value])
+    return out
+
+
+# per context: the keys (`hooks.model_key`) of the models whose layer inputs this context records
+_TRACES: HookRegistry[_Tracing] = HookRegistry("hones_layer_traces")
+
+
+class _Tracing(RefCountedHooks):
+    """Pre-hooks on one model's decoder layers that record their inputs into the context's `LayerTrace`."""
+
+    def __init__(self, arch: Architecture, layers: list[torch.nn.Module]):
+        super().__init__(model_key(arch))
+        self.layers = layers
+
+    def install(self) -> list:
+        return [layer.register_forward_pre_hook(self._before(index), with_kwargs=True)
+                for index, layer in enumerate(self.layers)]
+
+    def _before(self, index: int):
+        def hook(module, args, kwargs):
+            trace = _TRACES.current(self.key)
+            if trace is None:
+                return None
+            where = f"decoder layer {index} ({type(module).__name__})"
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if len(args) > 1 or not torch.is_tensor(hidden) or hidden.dim() != 3:
+                raise UnsupportedModelError(f"{where} was not called with hidden states [batch, seq, hidden] as its "
+                                            "only positional argument; its inputs cannot be kept to start there")
+            if index in trace.seen:
+                raise UnsupportedModelError(f"{where} ran twice in one traced pass (a cached decoding step?); "
+                                            "trace a single forward pass without a KV cache")
+            extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            cache = next((extra[k] for k in _CACHE_KWARGS if extra.get(k) is not None), None)
+            if cache is not None:
+                raise UnsupportedModelError(f"{where} got a KV cache in a traced pass; trace with use_cache=False")
+            _row_kwargs(extra, hidden.shape[0], where)        # refuses any keyword whose batch layout is unknown
+            trace.seen.add(index)
+            trace.batch = int(hidden.shape[0])
+            if trace.keep is None or index in trace.keep:
+                trace.hidden[index] = hidden.detach()
+            trace.kwargs[index] = extra
+            return None
+        return hook
+
+
+def _final_norm(arch: Architecture) -> torch.nn.Module:
+    """The text decoder's final norm: `norm` next to the decoder layers (every supported family)."""
+    parent = arch.family.layers.rsplit(".", 1)[0]
+    text_model = get_module(arch.base_model, parent[len("model."):], "the text decoder") if parent != "model" \
+        else arch.base_model
+    norm = getattr(text_model, "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise UnsupportedModelError(f"{arch.family.name}: no final norm at '{parent}.norm'; passes cannot start "
+                                    "at a decoder layer for this model")
+    return norm
+
+
+@contextmanager
+def trace_layers(arch: Architecture, keep: Collection[int] | None = None) -> Iterator[LayerTrace]:
+    """Inside the block, the next forward pass records every decoder layer's inputs in the yielded trace.
+
+    Run exactly one forward pass without a KV cache (`use_cache=False`) inside the block; the
+    trace is complete when every layer has run once. Thread-safe like `share_prefix`.
+
+    Args:
+        keep: the layers whose input hidden states are kept (default all; each costs
+            `[rows, seq, hidden]`); keyword arguments (masks, rotary) are kept for every layer.
+
+    Raises:
+        UnsupportedModelError: a layer is called in a way whose rows cannot be told apart, or twice.
+    """
+    layers = _decoder_layers(arch)
+    trace = LayerTrace(len(layers), keep)
+    trace.norm = _final_norm(arch)
+    with _TRACES.open(layers[0], lambda: _Tracing(arch, layers), trace):
+        yield trace
+    missing = [i for i in range(len(layers)) if i not in trace.seen]
+    if missing:
+        raise UnsupportedModelError(f"decoder layers {missing} did not run inside trace_layers; run one full "
+                                    "forward pass of the model inside the block")
+
+
+def run_from_layer(arch: Architecture, trace: LayerTrace, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """The text decoder's output (after its final norm) for trace rows `rows`, starting at decoder layer `layer`.
+
+    Args:
+        trace: a base pass (`trace_layers`).
+        layer: the first layer to run; layers < layer are taken from the trace as they were.
+        rows: long `[R]`, which trace row each output row starts from (repeats allowed: one row per
+            plan). Plans (`interventions.intervene`, one per output row) act on layers >= `layer`;
+            a plan acting on an earlier layer would be silently wrong, so callers start at its first layer.
+
+    Returns:
+        `[R, seq, hidden]` final hidden states, equal to a full pass up to float rounding (other
+        batch shapes than the traced pass; bitwise where the kernels do not depend on them).
+    """
+    layers = _decoder_layers(arch)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: this model has {len(layers)} decoder layers")
+    if trace.hidden[layer] is None:
+        raise ValueError(f"the trace did not keep the inputs of layer {layer} (kept: {sorted(trace.keep or [])}); "
+                         "trace with keep including it")
+    index = rows.to(trace.hidden[layer].device)
+    hidden = trace.hidden[layer].index_select(0, index)
+    for k in range(layer, len(layers)):
+        kwargs = {name: (_take(value, index, trace.rows) if name in _ROW_KWARGS else value)
+                  for name, value in trace.kwargs[k].items()}
+        out = layers[k](hidden, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return trace.norm(hidden)

@@ -102,3 +102,32 @@ def test_bench_request_times_whole_requests_and_draws_input_free_figures_once(de
     assert result["request_and_sweep_s"] >= result["request_s"]
     # the first run drew head scores, layer spread and overlap; the two repeats drew none of them again
     assert sorted(drawn) == ["heads", "layers", "overlap"]
+
+
+def test_the_projection_counts_passes_and_token_layers():
+    # LLaVA-1.5-7B, one VQA item, 3 answer tokens (+ stop), no row departing; by hand:
+    # reference: 1 + 32 x 32 = 1025 generations of 1 prefill + 4 steps, each 32 x (616 + 4) token-layers
+    # ours: the base generation (5 passes) + its teacher-forced pass, then 1024 rows; token-layers:
+    # 19 840 (base) + 32 x 619 (base pass) + 32 heads x (32 + 31 + ... + 1) layers x 619 tokens
+    llava = benchmarks.rank.projection("vqa", answer_tokens=3, departed=0.0, items=1)["llava-1.5-7b"]
+    assert llava["reference"] == {"passes": 5125, "token_layers": 20_336_000}
+    assert llava["ours"] == {"passes": 6 + 1024, "token_layers": 19_840 + 19_808 + 32 * 528 * 619}
+    assert llava["ratio_token_layers"] == round(20_336_000 / (19_840 + 19_808 + 32 * 528 * 619), 1)
+    # every departing row adds one whole generation
+    worse = benchmarks.rank.projection("vqa", answer_tokens=3, departed=0.5, items=1)["llava-1.5-7b"]
+    assert worse["ours"]["passes"] == 6 + 1024 + 512 * 5
+    qwen = benchmarks.rank.projection("retrieval", candidates=50, items=1)["qwen2.5-vl-7b"]
+    assert qwen["reference"]["passes"] == (1 + 28 * 28) * 50 and "256 image tokens" in qwen["assumed"]["note"]
+
+
+def test_bench_rank_reports_both_utilities_and_what_the_rows_did(toy_vlm, toy_items):
+    out = benchmarks.rank.bench_rank(toy_vlm, toy_items("vqa")[:2], batch_size=16)
+    for utility in ("metric", "logprob"):
+        entry = out[utility]
+        assert {"reference_s", "batched_s", "ratio", "max_abs_diff", "rows", "rows_verified", "rows_decoded",
+                "near_tie_fallbacks"} <= set(entry)
+        assert entry["rows"] == 2 * 16
+    assert out["metric"]["max_abs_diff"] == 0.0 and out["logprob"]["max_abs_diff"] <= 2e-5
+    assert out["metric"]["rows_verified"] + out["metric"]["rows_departed"] + out["metric"]["near_tie_fallbacks"] >= 32
+    assert -1.0 <= out["spearman_metric_vs_logprob"] <= 1.0
+    assert set(out["projection"]) == {"llava-1.5-7b", "qwen2.5-vl-7b"}

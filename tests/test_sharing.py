@@ -404,3 +404,69 @@ def test_concurrent_shared_batches_match_sequential_runs(tiny_vlm, prompts):
     if errors:
         raise errors[0]
     assert all(torch.equal(results[i], expected[i]) for i in range(len(batches)))
+
+
+# ----- starting a pass at a decoder layer (`trace_layers`, `run_from_layer`) --------------------------
+
+def test_a_pass_started_at_a_layer_equals_the_full_pass(tiny_vlm, family, images, prompts):
+    # rows continue trace rows [0, 1, 0, 1] under [none, none, head 1 of `layer`, head 2 of `layer`]; the full
+    # passes run the same rows from the embeddings. The started pass computes layers >= `layer` on 4 rows where
+    # the full pass runs 2 (other GEMM shapes): equal up to float32 rounding; a wrong row, mask, rotary
+    # position or a plan applied at the wrong layer moves the logits by far more than that.
+    from hones_core.sharing import run_from_layer, trace_layers
+
+    vlm = tiny_vlm(family)
+    inputs = vlm.encode(images, prompts).inputs
+    with torch.inference_mode():
+        with trace_layers(vlm.arch) as trace:
+            base = vlm.last_hidden(inputs, use_cache=False)
+        assert trace.rows == 2 and trace.nbytes() >= vlm.arch.num_layers * base.numel() * base.element_size()
+        for layer in range(vlm.arch.num_layers):
+            plans = [None, None, Plan.ablate_heads([(layer, 1)]), Plan.ablate_heads([(layer, 2)])]
+            with intervene(vlm.arch, plans):
+                started = run_from_layer(vlm.arch, trace, layer, torch.tensor([0, 1, 0, 1]))
+            with intervene(vlm.arch, plans[2:]):
+                ablated = vlm.last_hidden(inputs, use_cache=False)
+            torch.testing.assert_close(started[:2], base, **ROUNDING)
+            torch.testing.assert_close(started[2:], ablated, **ROUNDING)
+            assert (ablated - base).abs().max() > 1e-3      # the plan does act
+
+
+def test_a_trace_refuses_a_cached_pass(tiny_vlm, images, prompts):
+    from hones_core.sharing import trace_layers
+
+    vlm = tiny_vlm("llava")
+    inputs = vlm.encode(images, prompts).inputs
+    with pytest.raises(UnsupportedModelError, match="use_cache=False"), torch.inference_mode():
+        with trace_layers(vlm.arch):
+            vlm.last_hidden(inputs, use_cache=True)
+
+
+def test_extended_inputs_append_tokens_on_the_right_of_each_row(tiny_vlm, images, prompts):
+    vlm = tiny_vlm("llava")
+    inputs = vlm.encode(images, prompts).inputs
+    extended = vlm.extend_inputs(inputs, [[5, 6, 7], []])
+    ids, mask = extended["input_ids"], extended["attention_mask"]
+    real = [inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist() for r in range(2)]
+    assert ids.shape[1] == max(len(real[0]) + 3, len(real[1]))
+    assert ids[0][mask[0].bool()].tolist() == real[0] + [5, 6, 7] and ids[1][mask[1].bool()].tolist() == real[1]
+    assert mask[:, -1].tolist() == [1, 1] and torch.equal(extended["pixel_values"], inputs["pixel_values"])
+    again = vlm.extend_inputs(inputs, [[], [9]], rows=[1, 1])           # row 1 twice: its pixels too
+    assert torch.equal(again["pixel_values"][0], inputs["pixel_values"][1])
+
+
+def test_a_trace_can_keep_one_layer_only(tiny_vlm, images, prompts):
+    from hones_core.sharing import run_from_layer, trace_layers
+
+    vlm = tiny_vlm("qwen2-vl")
+    inputs = vlm.encode(images, prompts).inputs
+    with torch.inference_mode():
+        with trace_layers(vlm.arch) as full:
+            vlm.last_hidden(inputs, use_cache=False)
+        with trace_layers(vlm.arch, keep=(1,)) as one:
+            vlm.last_hidden(inputs, use_cache=False)
+        assert one.hidden[0] is None and one.nbytes() < full.nbytes()
+        rows = torch.tensor([1, 0])
+        assert torch.equal(run_from_layer(vlm.arch, one, 1, rows), run_from_layer(vlm.arch, full, 1, rows))
+        with pytest.raises(ValueError, match="did not keep the inputs of layer 0"):
+            run_from_layer(vlm.arch, one, 0, rows)
