@@ -60,3 +60,4 @@ def test_the_bundled_artifact_has_a_line_for_every_task():
     for task in ("vqa", "ocr", "caption", "retrieval"):
         line = evidence_line(stored(evaluation, task), "hones", 1)
         assert line.startswith("**On ") and "held-out items" in line
+        assert "answers" in line and "random neurons changed" in line      # the stored change counts

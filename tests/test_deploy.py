@@ -283,7 +283,7 @@ def test_the_uploaded_toy_space_starts_on_its_own(hub, capsys, tmp_path):
               "examples = app.check_examples(args.examples)\n"
               "service = app.load_service(args)\n"
               "print(json.dumps({'package': hones_core.__file__, 'model': args.model, 'tasks': service.tasks, "
-              "'examples': len(examples)}))\n")
+              "'examples': sum(map(len, examples.examples.values()))}))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HONES_", "PYTHONPATH"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", script], cwd=space_dir, env=env, capture_output=True, text=True,
