@@ -209,7 +209,7 @@ def test_card_markdown_shows_tokens_safely():
     assert r"`a\|b\n`" in text and "`ˋxˋ`" in text           # no cell broken by a pipe, newline or backtick
     assert "+2.00 σ from its vqa discovery mean 0.5" in text and "ocr -1" in text
     assert "z > 0 on 25 % of 4 items" in text
-    assert "Δ **-0.2**" in text and "| vqa | **1** | — |" in text
+    assert "Δ **-0.2**" in text and "| hones | **1** |" in text and "| learned scale s | — |" in text
     assert np.isclose(N.card_dict(card)["promoted"][0]["value"], 0.5)
 
 

@@ -306,20 +306,22 @@ def card_markdown(card: NeuronCard, *, method_label=lambda m: m) -> str:
     methods: list[str] = []
     for by_method in card.ranks.values():
         methods += [m for m in by_method if m not in methods]
+    # one row per method, one column per task: method names are long, task names short
+    tasks = list(card.ranks)
     lines += ["", f"Rank among all {card.total:,} neurons (1 = top; ties: lower layer·index first; **bold** = "
                   f"selected at the {card.budget_pct:g} % budget):", "",
-              "| task | " + " | ".join(method_label(m) for m in methods) + " | learned scale s |",
-              "|---|" + "---:|" * (len(methods) + 1)]
-    for task, by_method in card.ranks.items():
+              "| neuron set | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for m in methods:
         cells = []
-        for m in methods:
-            if m not in by_method:
+        for task in tasks:
+            if m not in card.ranks[task]:
                 cells.append("—")
             else:
-                rank = f"{by_method[m]:,}"
+                rank = f"{card.ranks[task][m]:,}"
                 cells.append(f"**{rank}**" if card.selected[task][m] else rank)
-        scale = card.learned_scale.get(task)
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {'—' if scale is None else f'{scale:+.3f}'} |")
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    scales = [card.learned_scale.get(task) for task in tasks]
+    lines.append("| learned scale s | " + " | ".join("—" if v is None else f"{v:+.3f}" for v in scales) + " |")
     return "\n".join(lines) + "\n"
 
 
