@@ -307,8 +307,10 @@ def _task_tabs(service, gallery, image, gold, first: str) -> tuple[dict, dict, A
                     gr.Markdown(f"_{badge}_", elem_id=f"badge-{name}")
                 if rows:
                     extra = [boxes[spec.input]] if spec.input in boxes else []
-                    gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
-                                label=f"{spec.title} examples", examples_per_page=8)
+                    gallery_rows = gr.Examples([_example_row(name, e) for e in rows], inputs=[image, *extra, gold],
+                                               label=f"{spec.title} examples", examples_per_page=8)
+                    # the gold box is shared by the tabs (its label follows the tab): name this task's column
+                    gallery_rows.dataset.headers = [*gallery_rows.dataset.headers[:-1], GOLD_LABELS[name]]
     return boxes, tabs, tabs_box
 
 

@@ -401,3 +401,13 @@ def test_the_views_endpoints_heads_neuron_card_and_answer_tokens(client, demo_se
     assert card.startswith("_Not computed:") and "99" in card
     table = client.predict(*args, api_name="/tokens_view")
     assert "| # | base answer | log p base |" in table
+
+
+def test_each_tabs_gallery_names_its_own_gold_column(demo_service):
+    """The gold box is shared by the tabs; each examples table still names that task's gold column."""
+    import app
+
+    blocks = app.build_app(demo_service, str(ASSETS / "examples"))
+    headers = {c.label: c.headers for c in blocks.blocks.values() if type(c).__name__ == "Dataset"}
+    for task, title in (("vqa", "VQA"), ("caption", "Caption"), ("retrieval", "Retrieval")):
+        assert headers[f"{title} examples"][-1] == app.GOLD_LABELS[task], headers
