@@ -1,4 +1,4 @@
-"""Figures for the app, the dataset cards and the README.
+"""Figures for the dataset cards and the README (the app draws its own with PIL: `demo.charts`).
 
 Every function is pure: arrays (numpy or torch) and plain lists/dicts in, a `Plot` out,
 i.e. a `matplotlib.figure.Figure` plus a one-line caption saying what it shows. Figures
@@ -45,8 +45,8 @@ class Plot:
 
 # --------------------------------------------------------------------------- helpers
 
-def _array(x, name: str, ndim: int) -> np.ndarray:
-    """`x` (numpy, torch or nested lists) as a finite float64 array with `ndim` dimensions."""
+def as_array(x, name: str, ndim: int) -> np.ndarray:
+    """`x` (numpy, torch or nested lists) as a finite float64 array with `ndim` dimensions (else ValueError)."""
     if hasattr(x, "detach"):                      # torch tensor, without importing torch
         x = x.detach().cpu().float().numpy()
     try:
@@ -61,6 +61,37 @@ def _array(x, name: str, ndim: int) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return arr
+
+
+def top_head_pairs(top_heads: Sequence, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """`top_heads` as distinct (layer, head) int pairs inside an `[n_layers, n_heads]` score grid (else ValueError)."""
+    heads: list[tuple[int, int]] = []
+    for item in top_heads:
+        try:
+            layer, head = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise ValueError(f"top_heads must be (layer, head) pairs, got {item!r}") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"top_heads has ({layer}, {head}) outside head_scores of shape "
+                             f"[{n_layers} layers, {n_heads} heads]")
+        if (layer, head) not in heads:
+            heads.append((layer, head))
+    return heads
+
+
+def layer_fractions(selections: Mapping[str, Selection], num_layers: int) -> list[tuple[str, int, np.ndarray]]:
+    """Per task: (task, neurons selected, fraction of them in each of `num_layers` layers); ValueError on bad input."""
+    sets = check_selections(selections)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    out = []
+    for task, pairs in sets.items():
+        bad = sorted({layer for layer, _ in pairs if not 0 <= layer < num_layers})
+        if bad:
+            raise ValueError(f"selections[{task!r}] has layers {bad} outside 0..{num_layers - 1} (num_layers)")
+        counts = np.bincount([layer for layer, _ in pairs], minlength=num_layers).astype(float)
+        out.append((task, len(pairs), counts / counts.sum() if counts.sum() else counts))
+    return out
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -117,19 +148,9 @@ def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str
     Layer 0 is at the bottom. The colour scale is symmetric around 0 (red: ablating the
     head hurts the task metric, blue: it helps).
     """
-    scores = _array(head_scores, "head_scores", 2)
+    scores = as_array(head_scores, "head_scores", 2)
     n_layers, n_heads = scores.shape
-    heads: list[tuple[int, int]] = []
-    for item in top_heads:
-        try:
-            layer, head = (int(v) for v in item)
-        except (TypeError, ValueError):
-            raise ValueError(f"top_heads must be (layer, head) pairs, got {item!r}") from None
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"top_heads has ({layer}, {head}) outside head_scores of shape "
-                             f"[{n_layers} layers, {n_heads} heads]")
-        if (layer, head) not in heads:
-            heads.append((layer, head))
+    heads = top_head_pairs(top_heads, n_layers, n_heads)
 
     fig = _figure(min(max(2.4 + 0.2 * n_heads, 5.0), 11.0), min(max(1.4 + 0.18 * n_layers, 3.5), 9.0))
     ax = fig.add_subplot()
@@ -154,20 +175,13 @@ def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str
 
 def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> Plot:
     """Fraction of each task's selected neurons that lie in each layer, one line per task."""
-    sets = check_selections(selections)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    series = layer_fractions(selections, num_layers)
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot()
     layers = np.arange(num_layers)
-    for k, (task, pairs) in enumerate(sets.items()):
-        bad = sorted({layer for layer, _ in pairs if not 0 <= layer < num_layers})
-        if bad:
-            raise ValueError(f"selections[{task!r}] has layers {bad} outside 0..{num_layers - 1} (num_layers)")
-        counts = np.bincount([layer for layer, _ in pairs], minlength=num_layers).astype(float)
-        fraction = counts / counts.sum() if counts.sum() else counts
+    for k, (task, n, fraction) in enumerate(series):
         ax.plot(layers, fraction, marker=_MARKERS[k % len(_MARKERS)], markersize=4,
-                color=_PALETTE[k % len(_PALETTE)], label=f"{task} (n={len(pairs)})")
+                color=_PALETTE[k % len(_PALETTE)], label=f"{task} (n={n})")
     ax.set_xticks(range(0, num_layers, _tick_step(num_layers)))
     ax.set_xlim(-0.5, num_layers - 0.5)
     ax.set_ylim(bottom=0)
@@ -177,34 +191,6 @@ def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="task", title_fontsize=8)
     caption = "Fraction of each task's selected FFN neurons that lie in each decoder layer."
-    return Plot(fig, caption)
-
-
-def overlap_matrix(tasks: Sequence[str], jaccard: object) -> Plot:
-    """Annotated heatmap of the `[tasks, tasks]` Jaccard overlap of top-neuron sets."""
-    tasks = [str(t) for t in tasks]
-    values = _array(jaccard, "jaccard", 2)
-    n = len(tasks)
-    if values.shape != (n, n):
-        raise ValueError(f"jaccard must be [{n}, {n}] for {n} tasks, got shape {tuple(values.shape)}")
-    if values.min() < 0 or values.max() > 1:
-        raise ValueError("jaccard values must lie in [0, 1]")
-    fig = _figure(max(2.6 + 1.0 * n, 4.5), max(2.0 + 0.85 * n, 3.8))
-    ax = fig.add_subplot()
-    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    for i in range(n):
-        for j in range(n):
-            # viridis is dark below ~0.55 and light above
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                    color="white" if values[i, j] < 0.55 else "black")
-    long_names = max(map(len, tasks)) > 6
-    ax.set_xticks(range(n), tasks, rotation=30 if long_names else 0, ha="right" if long_names else "center")
-    ax.set_yticks(range(n), tasks)
-    ax.set_xlabel("task")
-    ax.set_ylabel("task")
-    ax.set_title("Overlap of top-neuron sets")
-    fig.colorbar(image, ax=ax, label="Jaccard index", shrink=0.9)
-    caption = "Jaccard overlap |A∩B| / |A∪B| between the tasks' selected neuron sets (1 = identical, 0 = disjoint)."
     return Plot(fig, caption)
 
 
@@ -289,7 +275,7 @@ def cross_ablation_matrix(tasks: Sequence[str], matrix: object, *, method: str,
                           specificity: float | None = None) -> Plot:
     """Annotated heatmap: row task A's top set masked, relative drop (%) on column task B."""
     tasks = [str(t) for t in tasks]
-    values = _array(matrix, "matrix", 2)
+    values = as_array(matrix, "matrix", 2)
     n = len(tasks)
     if values.shape != (n, n):
         raise ValueError(f"matrix must be [{n}, {n}] for {n} tasks, got shape {tuple(values.shape)}")
@@ -314,98 +300,6 @@ def cross_ablation_matrix(tasks: Sequence[str], matrix: object, *, method: str,
     return Plot(fig, caption)
 
 
-# --------------------------------------------------------------------------- one input
-
-def contributions(labels: Sequence[str], base, steered, *, title_hint: str = "") -> Plot:
-    """Horizontal paired bars of the write-in contributions `[n]` of the top neurons, base vs steered.
-
-    The first label is drawn at the top.
-    """
-    labels = [str(label) for label in labels]
-    base = _array(base, "base", 1)
-    steered = _array(steered, "steered", 1)
-    if len(labels) != len(base):
-        raise ValueError(f"labels has {len(labels)} entries but base has {len(base)}")
-    if steered.shape != base.shape:
-        raise ValueError(f"steered must have the shape of base {tuple(base.shape)}, got {tuple(steered.shape)}")
-    n = len(labels)
-    fig = _figure(6.0, min(max(1.3 + 0.3 * n, 3.0), 12.0))
-    ax = fig.add_subplot()
-    y = np.arange(n)
-    ax.barh(y - 0.2, base, 0.4, label="base", color=_BASE_COLOUR)
-    ax.barh(y + 0.2, steered, 0.4, label="steered", color=_STEERED_COLOUR)
-    ax.set_yticks(y, labels, fontsize=8 if n > 12 else 9)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("write-in contribution to the answer direction")
-    ax.set_ylabel("neuron")
-    ax.set_title("Top neuron contributions" + (f": {title_hint}" if title_hint else ""))
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    caption = (f"Write-in contributions z·⟨W_down, u_y⟩ of the {n} top selected neurons to the answer "
-               f"direction for this input, base vs steered model.")
-    return Plot(fig, caption)
-
-
-def layer_sums(base, steered) -> Plot:
-    """Per-layer sums `[layers]` of the selected neurons' contributions, base vs steered."""
-    base = _array(base, "base", 1)
-    steered = _array(steered, "steered", 1)
-    if steered.shape != base.shape:
-        raise ValueError(f"steered must have the shape of base {tuple(base.shape)}, got {tuple(steered.shape)}")
-    n_layers = len(base)
-    fig = _figure(6.0, 4.0)
-    ax = fig.add_subplot()
-    layers = np.arange(n_layers)
-    ax.plot(layers, base, marker="o", markersize=4, color=_BASE_COLOUR, label="base")
-    ax.plot(layers, steered, marker="s", markersize=4, color=_STEERED_COLOUR, label="steered")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(0, n_layers, _tick_step(n_layers)))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("sum of contributions")
-    ax.set_title("Contributions per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    caption = ("Sum over each layer of the selected neurons' write-in contributions to the answer, base vs steered "
-               "model.")
-    return Plot(fig, caption)
-
-
-def strength_sweep(factors, values, *, current: float | None = None,
-                   ylabel: str = "gold answer log-prob") -> Plot:
-    """`values [k]` against the scaling `factors [k]` (drawn sorted by factor), with factor 1 and
-    the `current` factor marked."""
-    factors = _array(factors, "factors", 1)
-    values = _array(values, "values", 1)
-    if values.shape != factors.shape:
-        raise ValueError(f"values must have one entry per factor ({len(factors)}), got {len(values)}")
-    if current is not None and not math.isfinite(float(current)):
-        raise ValueError(f"current must be a finite number, got {current!r}")
-    order = np.argsort(factors, kind="stable")
-    xs, ys = factors[order], values[order]
-    fig = _figure(6.0, 4.0)
-    ax = fig.add_subplot()
-    ax.plot(xs, ys, marker="o", markersize=5, color=_BASE_COLOUR, label=ylabel)
-    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1, label="unchanged (×1)")
-    if current is not None:
-        current = float(current)
-        ax.axvline(current, color=_PALETTE[3], linestyle=":", linewidth=1.5, label=f"current (×{current:g})")
-        if xs[0] <= current <= xs[-1]:
-            ax.plot([current], [np.interp(current, xs, ys)], marker="*", markersize=13,
-                    color=_PALETTE[3], linestyle="none")
-    ax.set_xlabel("scaling factor on the selected neurons")
-    ax.set_ylabel(ylabel)
-    ax.set_title("Steering strength")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    caption = (f"{ylabel[:1].upper()}{ylabel[1:]} as the selected neurons are scaled by each factor; "
-               f"the dashed line marks factor 1 (unchanged)"
-               + (f", the dotted line the current factor ×{current:g}." if current is not None else "."))
-    return Plot(fig, caption)
-
-
-# --------------------------------------------------------------------------- output
 
 def save(plot: Plot | Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write the plot as a PNG at `path` (parent folders are created); returns the path."""
@@ -462,7 +356,7 @@ def neuron_vocabulary(promoted: Sequence[tuple[str, float]], suppressed: Sequenc
     panels = []
     for name, pairs in (("promoted", promoted), ("suppressed", suppressed)):
         pairs = list(pairs)
-        values = _array([v for _, v in pairs], name, 1)
+        values = as_array([v for _, v in pairs], name, 1)
         panels.append(([repr(str(t))[1:-1] or "∅" for t, _ in pairs], values))
     n = max(len(labels) for labels, _ in panels)
     fig = _figure(7.0, min(max(1.2 + 0.28 * n, 2.6), 8.0))
@@ -515,7 +409,7 @@ def attention_overlay(image, grids: Sequence, boxes: Sequence[tuple[float, float
 
     if len(grids) != len(boxes) or not grids:
         raise ValueError(f"grids and boxes must be as many and at least one ({len(grids)} vs {len(boxes)})")
-    arrays = [_array(g, "grid", 2) for g in grids]
+    arrays = [as_array(g, "grid", 2) for g in grids]
     if any((a < 0).any() for a in arrays):
         raise ValueError("attention weights must be non-negative")
     top = max(float(a.max()) for a in arrays) if vmax is None else float(vmax)

@@ -132,6 +132,8 @@ def test_strength_sweep_marks_factor_one_and_the_current_factor():
     (lambda: charts.layer_distribution({"vqa": {3: [1]}}, 3), "selections"),
     (lambda: charts.layer_distribution({"vqa": {0: [1]}}, 0), "num_layers"),
     (lambda: charts.strength_sweep([0.0, 1.0], [1.0], current=0.0), "values"),
+    (lambda: charts.strength_sweep([[0.0, 1.0]], [1.0, 2.0]), "factors"),
+    (lambda: charts.overlap_matrix(["a", "b"], np.eye(3)), "jaccard"),
 ])
 def test_bad_input_names_the_argument(make, match):
     with pytest.raises(ValueError, match=match):

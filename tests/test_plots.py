@@ -83,25 +83,6 @@ def test_layer_distribution_rejects_bad_input():
         plots.layer_distribution({"vqa": {0: [1]}}, 0)
 
 
-def test_overlap_matrix_draws_and_annotates_values():
-    tasks = ["vqa", "ocr", "caption"]
-    values = np.array([[1.0, 0.25, 0.1], [0.25, 1.0, 0.6], [0.1, 0.6, 1.0]])
-    ax = check_plot(plots.overlap_matrix(tasks, torch.tensor(values)))
-    np.testing.assert_allclose(ax.images[0].get_array(), values)
-    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
-    assert cells == {(i, j): f"{values[i, j]:.2f}" for i in range(3) for j in range(3)}
-    assert [t.get_text() for t in ax.get_yticklabels()] == tasks
-
-
-def test_overlap_matrix_rejects_bad_input():
-    with pytest.raises(ValueError, match="jaccard"):
-        plots.overlap_matrix(["a", "b"], np.eye(3))
-    with pytest.raises(ValueError, match="jaccard"):
-        plots.overlap_matrix(["a", "b"], np.full((2, 2), 1.5))
-
-
-# --------------------------------------------------------------------------- masking
-
 def test_masking_bars_heights_in_order_with_labels():
     results = {"vqa": {"hones": 50.0, "activation": 20.0, "random": -1.5},
                "ocr": {"hones": 40.0, "activation": 10.0, "random": 0.5}}
@@ -143,71 +124,9 @@ def test_cross_ablation_bars_orders_groups():
 
 # --------------------------------------------------------------------------- one input
 
-def test_contributions_paired_bars():
-    labels = ["L3 N120", "L1 N7", "L0 N2"]
-    base, steered = np.array([0.5, -0.2, 0.1]), torch.tensor([1.0, -0.4, 0.0])
-    plot = plots.contributions(labels, base, steered, title_hint="what colour?")
-    ax = check_plot(plot)
-    widths = {c.get_label(): [p.get_width() for p in c.patches] for c in ax.containers}
-    np.testing.assert_allclose(widths["base"], base)
-    np.testing.assert_allclose(widths["steered"], steered.numpy())
-    assert [t.get_text() for t in ax.get_yticklabels()] == labels
-    assert ax.yaxis_inverted()                                                 # first label on top
-    assert "what colour?" in ax.get_title()
-    assert any(list(line.get_xdata()) == [0, 0] for line in ax.get_lines())   # zero line
-
-
-def test_contributions_rejects_bad_input():
-    with pytest.raises(ValueError, match="labels"):
-        plots.contributions(["a"], [1.0, 2.0], [1.0, 2.0])
-    with pytest.raises(ValueError, match="steered"):
-        plots.contributions(["a", "b"], [1.0, 2.0], [1.0])
-    with pytest.raises(ValueError, match="base"):
-        plots.contributions(["a"], [[1.0]], [1.0])
-
-
-def test_layer_sums_lines():
-    base, steered = np.array([0.1, -0.3, 0.7]), np.array([0.2, -0.1, 1.4])
-    ax = check_plot(plots.layer_sums(base, steered))
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    np.testing.assert_allclose(lines["base"].get_ydata(), base)
-    np.testing.assert_allclose(lines["steered"].get_ydata(), steered)
-    np.testing.assert_array_equal(lines["base"].get_xdata(), [0, 1, 2])
-    with pytest.raises(ValueError, match="steered"):
-        plots.layer_sums(base, steered[:2])
-
-
-def test_strength_sweep_line_and_markers():
-    factors, values = [0.0, 0.5, 1.0, 2.0], [-3.0, -2.5, -2.0, -1.0]
-    plot = plots.strength_sweep(factors, values, current=1.5)
-    ax = check_plot(plot)
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    np.testing.assert_array_equal(lines["gold answer log-prob"].get_ydata(), values)
-    np.testing.assert_array_equal(lines["gold answer log-prob"].get_xdata(), factors)
-    assert list(lines["unchanged (×1)"].get_xdata()) == [1.0, 1.0]
-    assert list(lines["current (×1.5)"].get_xdata()) == [1.5, 1.5]
-    star = next(line for line in ax.get_lines() if line.get_marker() == "*")
-    assert list(star.get_ydata()) == [-1.5]                                    # on the curve
-    assert ax.get_ylabel() == "gold answer log-prob"
-
-
-def test_strength_sweep_sorts_by_factor_and_validates():
-    ax = plots.strength_sweep(np.array([2.0, 0.0, 1.0]), np.array([3.0, 1.0, 2.0]), ylabel="P(answer)").figure.axes[0]
-    line = ax.get_lines()[0]
-    np.testing.assert_array_equal(line.get_xdata(), [0.0, 1.0, 2.0])
-    np.testing.assert_array_equal(line.get_ydata(), [1.0, 2.0, 3.0])
-    assert not any("current" in l.get_label() for l in ax.get_lines())
-    with pytest.raises(ValueError, match="values"):
-        plots.strength_sweep([0.0, 1.0], [1.0])
-    with pytest.raises(ValueError, match="factors"):
-        plots.strength_sweep([[0.0, 1.0]], [1.0, 2.0])
-
-
-# --------------------------------------------------------------------------- output
-
 def test_save_writes_png(tmp_path):
-    plot = plots.layer_sums([0.1, 0.2], [0.3, 0.4])
-    path = plots.save(plot, tmp_path / "figs" / "sums.png")
+    plot = plots.budget_curve({"hones": {1.0: 3.0, 2.0: 5.0}}, task="vqa")
+    path = plots.save(plot, tmp_path / "figs" / "curve.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 

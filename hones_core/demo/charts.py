@@ -26,7 +26,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from ..selection import Selection, check_selections
+from ..plots import as_array, layer_fractions, top_head_pairs
+from ..selection import Selection
 
 SCALE = 2                   # drawn at twice the size, reduced by 2: anti-aliased lines and text
 DPI = 90                    # pixels per inch of the final image (the app's PNGs were drawn at 90 dpi)
@@ -66,23 +67,6 @@ class Chart:
 
 
 # --------------------------------------------------------------------------- checks
-
-def _values(x, name: str, ndim: int) -> np.ndarray:
-    """`x` (numpy, torch or nested lists) as a finite float64 array with `ndim` dimensions."""
-    if hasattr(x, "detach"):                      # torch tensor, without importing torch
-        x = x.detach().cpu().float().numpy()
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric array: {err}") from None
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D array, got shape {tuple(arr.shape)}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
-
 
 # --------------------------------------------------------------------------- drawing
 
@@ -327,19 +311,9 @@ def _numeric_ticks(lo: float, hi: float, target: int = 6) -> list[tuple[float, s
 
 def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str) -> Chart:
     """Head scores S(l,h) `[layers, heads]`, layer 0 at the bottom, symmetric red-blue scale, top heads boxed."""
-    scores = _values(head_scores, "head_scores", 2)
+    scores = as_array(head_scores, "head_scores", 2)
     n_layers, n_heads = scores.shape
-    heads: list[tuple[int, int]] = []
-    for item in top_heads:
-        try:
-            layer, head = (int(v) for v in item)
-        except (TypeError, ValueError):
-            raise ValueError(f"top_heads must be (layer, head) pairs, got {item!r}") from None
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"top_heads has ({layer}, {head}) outside head_scores of shape "
-                             f"[{n_layers} layers, {n_heads} heads]")
-        if (layer, head) not in heads:
-            heads.append((layer, head))
+    heads = top_head_pairs(top_heads, n_layers, n_heads)
     width, height = _size(min(max(2.4 + 0.2 * n_heads, 5.0), 11.0), min(max(1.4 + 0.18 * n_layers, 3.5), 9.0))
     ax = _Axes(width, height, title=f"Head scores S(l,h): {task}", xlabel="head", ylabel="layer (0 = bottom)",
                xlim=(-0.5, n_heads - 0.5), ylim=(-0.5, n_layers - 0.5), xticks=_index_ticks(n_heads),
@@ -358,7 +332,7 @@ def head_heatmap(head_scores, top_heads: Sequence[tuple[int, int]], *, task: str
 def overlap_matrix(tasks: Sequence[str], jaccard: object) -> Chart:
     """Annotated `[tasks, tasks]` Jaccard overlap of the tasks' neuron sets (viridis, 0..1), row 0 at the top."""
     tasks = [str(t) for t in tasks]
-    values = _values(jaccard, "jaccard", 2)
+    values = as_array(jaccard, "jaccard", 2)
     n = len(tasks)
     if values.shape != (n, n):
         raise ValueError(f"jaccard must be [{n}, {n}] for {n} tasks, got shape {tuple(values.shape)}")
@@ -383,16 +357,7 @@ def overlap_matrix(tasks: Sequence[str], jaccard: object) -> Chart:
 
 def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> Chart:
     """Fraction of each task's selected neurons that lie in each layer, one line per task."""
-    sets = check_selections(selections)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-    series = []
-    for task, pairs in sets.items():
-        bad = sorted({layer for layer, _ in pairs if not 0 <= layer < num_layers})
-        if bad:
-            raise ValueError(f"selections[{task!r}] has layers {bad} outside 0..{num_layers - 1} (num_layers)")
-        counts = np.bincount([layer for layer, _ in pairs], minlength=num_layers).astype(float)
-        series.append((task, len(pairs), counts / counts.sum() if counts.sum() else counts))
+    series = layer_fractions(selections, num_layers)
     top = max(float(max(f.max() for _, _, f in series)), 1e-9) * 1.08
     ax = _Axes(*_size(6.0, 4.0), title="Where the selected neurons are", xlabel="layer",
                ylabel="fraction of selected neurons", xlim=(-0.5, num_layers - 0.5), ylim=(0.0, top),
@@ -410,8 +375,8 @@ def layer_distribution(selections: Mapping[str, Selection], num_layers: int) -> 
 def contributions(labels: Sequence[str], base, steered, *, title_hint: str = "") -> Chart:
     """Paired horizontal bars of the write-in contributions `[n]` of the top neurons, base vs steered; first label on top."""
     labels = [str(label) for label in labels]
-    base = _values(base, "base", 1)
-    steered = _values(steered, "steered", 1)
+    base = as_array(base, "base", 1)
+    steered = as_array(steered, "steered", 1)
     if len(labels) != len(base):
         raise ValueError(f"labels has {len(labels)} entries but base has {len(base)}")
     if steered.shape != base.shape:
@@ -440,8 +405,8 @@ def contributions(labels: Sequence[str], base, steered, *, title_hint: str = "")
 
 def layer_sums(base, steered) -> Chart:
     """Per-layer sums `[layers]` of the selected neurons' contributions, base vs steered."""
-    base = _values(base, "base", 1)
-    steered = _values(steered, "steered", 1)
+    base = as_array(base, "base", 1)
+    steered = as_array(steered, "steered", 1)
     if steered.shape != base.shape:
         raise ValueError(f"steered must have the shape of base {tuple(base.shape)}, got {tuple(steered.shape)}")
     n = len(base)
@@ -462,8 +427,8 @@ def layer_sums(base, steered) -> Chart:
 
 def strength_sweep(factors, values, *, current: float | None = None, ylabel: str = "gold answer log-prob") -> Chart:
     """`values [k]` against the scaling `factors [k]` (sorted by factor), factor 1 dashed, `current` dotted and starred."""
-    factors = _values(factors, "factors", 1)
-    values = _values(values, "values", 1)
+    factors = as_array(factors, "factors", 1)
+    values = as_array(values, "values", 1)
     if values.shape != factors.shape:
         raise ValueError(f"values must have one entry per factor ({len(factors)}), got {len(values)}")
     if current is not None and not math.isfinite(float(current)):
