@@ -17,7 +17,6 @@ other inputs it updates the Space in place.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import yaml
 
 from .assets import DEFAULT_EXAMPLES, DEFAULT_MODEL, DEFAULT_RANKINGS, REPO_ROOT
 from .errors import DeployError
+from .rankings.hub import transport_errors
 
 HARDWARE = ("cpu-basic", "zero-a10g")
 # Every variable the app reads that deploy manages: a later deploy deletes the ones it does
@@ -342,7 +342,7 @@ def deploy(deploy_plan: DeployPlan, *, token: str | None = None) -> DeployResult
         variables_set, variables_deleted = _variables(api, p.space_id, p.variables)
         step = "requesting hardware"
         hardware = _hardware(api, p.space_id, p.hardware) if p.hardware else None
-    except _transport_errors() as e:
+    except transport_errors() as e:
         raise DeployError(f"could not reach the Hub at {constants.ENDPOINT} while {step} for {p.space_id}: {e}; "
                           f"check the connection (or HF_ENDPOINT) and rerun (a rerun picks up where this one "
                           f"stopped)", space_id=p.space_id) from e
@@ -471,18 +471,6 @@ def _reason(err) -> str:
     response = getattr(err, "response", None)
     message = response.headers.get("X-Error-Message") if response is not None else None
     return f"HTTP {response.status_code if response is not None else '?'}: {message or str(err).splitlines()[0]}"
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        errors.append(module.TransportError)
-    return tuple(errors)
 
 
 def hardware_refused_message(result: DeployResult) -> str:

@@ -32,7 +32,7 @@ def _looks_like_repo_id(source: str) -> bool:
     return True
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level errors of whichever HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for name in ("httpx2", "httpx"):
@@ -83,7 +83,7 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | Path | Non
             f"find it in the cache{cause}: "
             f"check the connection (or HF_ENDPOINT); with HF_HUB_OFFLINE=1 a cached copy is used",
             source=repo_id, revision=revision) from e
-    except _transport_errors() as e:
+    except transport_errors() as e:
         raise RankingsNotFoundError(
             f"lost the connection to the Hub at {constants.ENDPOINT} while downloading {at}: {e} — retry, or "
             f"use a cached copy with HF_HUB_OFFLINE=1", source=repo_id, revision=revision) from e
@@ -165,9 +165,9 @@ def push(path: str | Path, repo_id: str, *, token: str | None = None, private: b
         return api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="dataset",
                                  revision=revision, commit_message=commit_message,
                                  ignore_patterns=[".*", "**/.*", *left_out])
-    except _transport_errors() as e:
+    except transport_errors() as e:
         raise RankingsNotFoundError(f"could not reach the Hub at {constants.ENDPOINT} to push {repo_id}: {e} — "
                                     f"check the connection (or HF_ENDPOINT)", source=repo_id) from e
 
 
-__all__ = ["load", "push"]
+__all__ = ["load", "push", "transport_errors"]
