@@ -127,7 +127,7 @@ def test_bench_rank_reports_both_utilities_and_what_the_rows_did(toy_vlm, toy_it
         assert {"reference_s", "batched_s", "ratio", "max_abs_diff", "rows", "rows_verified", "rows_decoded",
                 "near_tie_fallbacks"} <= set(entry)
         assert entry["rows"] == 2 * 16
-    assert out["metric"]["max_abs_diff"] == 0.0 and out["logprob"]["max_abs_diff"] <= 2e-5
+    assert out["metric"]["max_abs_diff"] <= 1e-6 and out["logprob"]["max_abs_diff"] <= 2e-5
     assert out["metric"]["rows_verified"] + out["metric"]["rows_departed"] + out["metric"]["near_tie_fallbacks"] >= 32
     assert -1.0 <= out["spearman_metric_vs_logprob"] <= 1.0
     assert set(out["projection"]) == {"llava-1.5-7b", "qwen2.5-vl-7b"}

@@ -74,7 +74,9 @@ def test_verified_scores_are_the_reference_scores_on_the_toy(toy_vlm, toy_items)
         items = toy_items(task)[:4]
         fast = score_heads(toy_vlm, items, utility="metric", batch_size=16, progress=False)
         slow = score_heads_reference(toy_vlm, items, utility="metric", progress=False)
-        assert torch.equal(fast.scores, slow.scores) and fast.base == slow.base
+        # the same greedy answers give the same metric; 1e-6 leaves room only for the order of float sums
+        # (one changed answer moves a score by at least 1 / (items x heads))
+        assert (fast.scores - slow.scores).abs().max() <= 1e-6 and abs(fast.base - slow.base) <= 1e-6
         counts = fast.counts
         assert counts["rows"] == len(items) * 16
         assert counts["verified"] + counts["departed"] + counts["near_tie"] + counts["untraced_rows"] >= counts["rows"]
