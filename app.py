@@ -628,12 +628,8 @@ def _wire(service, page: Page, gallery, *, autorun: bool = True) -> None:
             if name == "heads":
                 return list(head_view(req, pick or None))
             if name == "neuron":
-                choices = service.neuron_choices(req)
-                chosen = pick or (choices[0] if choices else None)
-                if chosen is None:
-                    return ["_No neuron is selected for this request: type one, e.g. L2·n17._",
-                            gr.Dropdown(choices=choices)]
-                return [neuron_view(req, chosen), gr.Dropdown(choices=service.neuron_choices(req), value=chosen)]
+                card, shown = neuron_view(req, pick or None)      # no pick: the plot's first neuron
+                return [card, gr.Dropdown(choices=service.neuron_choices(req), value=shown)]
             return [tokens_view(req)]
         except DemoInputError as err:
             LOG.info("%s view not drawn: %s", name, str(err).replace("\n", " "))

@@ -397,6 +397,11 @@ def test_the_views_endpoints_heads_neuron_card_and_answer_tokens(client, demo_se
     assert "layer 1 head 2" in caption
     card, _ = client.predict(*args, "2, 5", api_name="/neuron_view")
     assert card.startswith("### Neuron L2·n5") and "Masking" in card
+    # no neuron given: the first neuron the top-contributions plot lists (HONES: the ranking's order)
+    layer, neuron, _ = demo_service.artifact.task("caption").ranked("hones", 0.01)[0]
+    card, shown = client.predict(*args, "", api_name="/neuron_view")
+    assert shown["value"] == f"L{layer}·n{neuron}" and card.startswith(f"### Neuron L{layer}·n{neuron}")
+    assert shown["choices"][0][0] == shown["value"]      # the dropdown offers the plot's list
     card, _ = client.predict(*args, "L99·n1", api_name="/neuron_view")
     assert card.startswith("_Not computed:") and "99" in card
     table = client.predict(*args, api_name="/tokens_view")

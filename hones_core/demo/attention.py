@@ -200,7 +200,7 @@ def head_attention(vlm: VLM, request: Request, *, heads: Sequence[tuple[int, int
         with intervene(arch, list(plans)), vlm.sharing(n), \
                 _ATTENTION.open(arch.layers[0].self_attn, lambda: _AttentionHooks(arch), wanted):
             vlm.last_hidden(inputs, use_cache=False)
-    except _Stop:
+    except _Stop:       # the hook stopped the pass after the deepest layer asked for (checked just below)
         pass
     missing = sorted(set(by_layer) - set(wanted.weights))
     if missing:

@@ -198,16 +198,26 @@ def figures(request: Request, computed: Computed, ranking: TaskRanking, neurons:
     return out
 
 
+def shown_neurons(request: Request, ranking: TaskRanking, selection: Selection, base: BaseResult
+                  ) -> list[tuple[int, int]]:
+    """The (layer, neuron)s the top-contributions plot lists, in its order (the neuron card offers the same)."""
+    if request.method in ("random", "learned"):     # no ranking order: the largest base contributions first
+        pairs = [(int(l), int(n)) for l, ns in selection.items() for n in ns]
+        pairs.sort(key=lambda p: -abs(float(base.contributions[p])))
+    else:
+        pairs = [(int(l), int(n)) for l, n, _ in ranking.ranked(request.method, request.budget_pct / 100)]
+    return pairs[:TOP_NEURONS_SHOWN]
+
+
+def neuron_label(layer: int, neuron: int) -> str:
+    return f"L{layer}·n{neuron}"
+
+
 def input_figures(request: Request, ranking: TaskRanking, selection: Selection, base: BaseResult,
                   steered: SteeredResult) -> dict[str, tuple[Image.Image, str]]:
     """This input's top contributions (base vs steered) and their per-layer sums."""
-    if request.method in ("random", "learned"):     # no ranking order: the largest base contributions first
-        pairs = [(l, n) for l, ns in selection.items() for n in ns]
-        pairs.sort(key=lambda p: -abs(float(base.contributions[p])))
-    else:
-        pairs = [(l, n) for l, n, _ in ranking.ranked(request.method, request.budget_pct / 100)]
-    pairs = pairs[:TOP_NEURONS_SHOWN]
-    labels = [f"L{l}·n{n}" for l, n in pairs]
+    pairs = shown_neurons(request, ranking, selection, base)
+    labels = [neuron_label(l, n) for l, n in pairs]
     bar = charts.contributions(labels, [float(base.contributions[p]) for p in pairs],
                                [float(steered.contributions[p]) for p in pairs], title_hint=f"{base.target_label}")
     sums = charts.layer_sums(layer_sums(base.contributions, selection), layer_sums(steered.contributions, selection))

@@ -350,23 +350,33 @@ class DemoService:
             if len(numbers) != 2:
                 raise DemoInputError(f'Give a head as its layer and index, e.g. "L2·H3" or "2, 3"; got {head!r}.')
             heads = [tuple(numbers)]
-        base = self.cached_base(request) or self.computed(request).base
-        prompt = base.row if TASKS[request.task].scoring == "yes/no" else 0
+        prompt = 0
+        if TASKS[request.task].scoring == "yes/no":    # the candidate whose contributions the page shows
+            prompt = (self.cached_base(request) or self.computed(request).base).row
         found = attention_lib.head_attention(self.vlm, request, heads=heads, plans=[Plan(), self.plan(request)],
                                              prompt_index=prompt)
         return attention_lib.figure(found, request.image)
 
-    def neuron_view(self, request: Request, neuron: str) -> str:
-        """The card of a neuron ("L3·n120" or "3, 120") for this request, as markdown.
+    def neuron_view(self, request: Request, neuron: str | None = None) -> tuple[str, str]:
+        """The card of a neuron ("L3·n120" or "3, 120"; None: the first the top-contributions plot lists).
+
+        Returns:
+            (the card as markdown, the neuron shown as "L3·n120").
 
         Raises:
             DemoInputError: not a neuron of this model, or an empty base answer.
         """
-        layer, index = neuron_lib.neurons_of(neuron)
         base = self.cached_base(request) or self.computed(request).base
+        if neuron in (None, ""):
+            shown = self.neuron_choices(request)
+            if not shown:
+                raise DemoInputError("This request selects no neuron to show: type one, e.g. L2·n17.")
+            neuron = shown[0]
+        layer, index = neuron_lib.neurons_of(neuron)
         card = neuron_lib.neuron_card(self.vlm, request, self.artifact, base, self.plan(request), layer=layer,
                                       neuron=index)
-        return neuron_lib.card_markdown(card, method_label=render_lib.method_label)
+        return neuron_lib.card_markdown(card, method_label=render_lib.method_label), render_lib.neuron_label(
+            card.layer, card.neuron)
 
     def tokens_view(self, request: Request) -> str:
         """Both answers token by token with their log-probs under the base and the steered row, as markdown."""
@@ -374,12 +384,11 @@ class DemoService:
         return tokens_lib.tokens_markdown(tokens_lib.answer_tokens(self.vlm, request, done.base, done.steered,
                                                                    self.plan(request)))
 
-    def neuron_choices(self, request: Request, k: int = 10) -> list[str]:
-        """The request's selected neurons with the largest contributions (base row), "L3·n120", largest first."""
+    def neuron_choices(self, request: Request) -> list[str]:
+        """The neurons the top-contributions plot lists for this request ("L3·n120"), in its order; [] before a run."""
         base = self.cached_base(request)
-        selection = self.neurons(request).selection
         if base is None or base.contributions is None:
-            return [f"L{int(layer)}·n{int(n)}" for layer, ns in sorted(selection.items()) for n in ns][:k]
-        scored = [(float(base.contributions[int(layer)][int(n)]), int(layer), int(n))
-                  for layer, ns in selection.items() for n in ns]
-        return [f"L{layer}·n{n}" for _, layer, n in sorted(scored, key=lambda t: (-abs(t[0]), t[1], t[2]))[:k]]
+            return []
+        selection = self.selection(request.task, request.method, request.budget_pct)
+        pairs = render_lib.shown_neurons(request, self.artifact.task(request.task), selection, base)
+        return [render_lib.neuron_label(layer, n) for layer, n in pairs]
